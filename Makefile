@@ -1,0 +1,54 @@
+# Basalt's build. `make run` starts a local cluster, `make test` runs the tests; both install what they need.
+SHELL := /bin/bash
+export PATH := $(PATH):/usr/local/go/bin
+GO ?= go
+BIN := $(CURDIR)/bin
+DAEMONS := tools/cmd/basalt metad/cmd/metad blockd/cmd/blockd computed/cmd/computed netd/cmd/netd
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/basalt-hv/basalt/internal/buildinfo.version=$(VERSION)
+
+# Pinned code generators for `make proto`.
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+
+# Arguments for `basalt up`, e.g. make run ARGS='--blockd 5 --data-dir /tmp/basalt'.
+ARGS ?=
+# Extra flags for `go test`, e.g. make test TESTFLAGS='-run TestLease -v'.
+TESTFLAGS ?=
+
+.PHONY: all deps build run test test-short vet fmt proto clean
+
+all: build
+
+deps:
+	@./scripts/deps.sh
+
+build: deps
+	@mkdir -p $(BIN)
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ $(addprefix ./,$(DAEMONS))
+
+run: build
+	$(BIN)/basalt up $(ARGS)
+
+vet:
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \
+	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+test: build vet
+	BASALT_BIN_DIR=$(BIN) $(GO) test -count=1 -timeout 20m $(TESTFLAGS) ./...
+
+test-short: build
+	BASALT_BIN_DIR=$(BIN) $(GO) test -count=1 -short $(TESTFLAGS) ./...
+
+proto:
+	@command -v protoc >/dev/null || ./scripts/deps.sh
+	GOBIN=$(BIN) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$(BIN) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	protoc -I proto -I /usr/include \
+	  --plugin=protoc-gen-go=$(BIN)/protoc-gen-go --go_out=proto --go_opt=paths=source_relative \
+	  --plugin=protoc-gen-go-grpc=$(BIN)/protoc-gen-go-grpc --go-grpc_out=proto --go-grpc_opt=paths=source_relative \
+	  proto/basalt/v1/*.proto
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,14 @@
+// Command computed is a Basalt compute node. In this build it joins the cluster (registration on an etcd lease, heartbeat) and serves gRPC health; the hypervisor drivers and VM lifecycle plug into the node it starts.
+package main
+
+import (
+	"os"
+
+	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
+
+	"github.com/basalt-hv/basalt/internal/node"
+)
+
+func main() {
+	os.Exit(node.Main(basaltv1.NodeKind_NODE_KIND_COMPUTED, "127.0.0.1:7430", os.Args[1:], nil))
+}

@@ -1,0 +1,14 @@
+// Command netd is Basalt's per-host network agent. In this build it joins the cluster (registration on an etcd lease, heartbeat) and serves gRPC health; the virtual switch plugs into the node it starts.
+package main
+
+import (
+	"os"
+
+	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
+
+	"github.com/basalt-hv/basalt/internal/node"
+)
+
+func main() {
+	os.Exit(node.Main(basaltv1.NodeKind_NODE_KIND_NETD, "127.0.0.1:7440", os.Args[1:], nil))
+}
