@@ -217,6 +217,9 @@ func (n *Node) Serve(ctx context.Context) error {
 	return err
 }
 
+// Close releases a node that was started but will not Serve (wiring its services failed).
+func (n *Node) Close() { n.release() }
+
 func (n *Node) release() {
 	if n.listener != nil {
 		n.listener.Close()

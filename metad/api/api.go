@@ -36,7 +36,7 @@ type ClusterServer struct {
 // built yet say what they lack.
 func Register(s *grpc.Server, c *ClusterServer) {
 	basaltv1.RegisterClusterServiceServer(s, c)
-	basaltv1.RegisterVolumeServiceServer(s, basaltv1.UnimplementedVolumeServiceServer{})
+	basaltv1.RegisterVolumeServiceServer(s, &VolumeServer{Store: c.Store})
 	basaltv1.RegisterCheckpointServiceServer(s, basaltv1.UnimplementedCheckpointServiceServer{})
 	basaltv1.RegisterAttachmentServiceServer(s, basaltv1.UnimplementedAttachmentServiceServer{})
 	basaltv1.RegisterVMServiceServer(s, basaltv1.UnimplementedVMServiceServer{})
@@ -46,8 +46,6 @@ func Register(s *grpc.Server, c *ClusterServer) {
 // missing says what an unbuilt service lacks, for its Unimplemented answers.
 func missing(service string) string {
 	switch service {
-	case "basalt.v1.VolumeService":
-		return "volumes need the replicated block layer (blockd storage engine, placement, replication and NBD export), which this build does not have yet"
 	case "basalt.v1.CheckpointService":
 		return "checkpoints need the versioned block map of the block layer, which this build does not have yet"
 	case "basalt.v1.AttachmentService":

@@ -49,10 +49,6 @@ func TestUnbuiltServicesSayWhatIsMissing(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	calls := map[string]func() error{
-		"block layer": func() error {
-			_, err := basaltv1.NewVolumeServiceClient(c).CreateVolume(ctx, &basaltv1.CreateVolumeRequest{Name: "v"})
-			return err
-		},
 		"versioned block map": func() error {
 			_, err := basaltv1.NewCheckpointServiceClient(c).ListCheckpoints(ctx, &basaltv1.ListCheckpointsRequest{})
 			return err

@@ -24,6 +24,18 @@ const NodesPrefix = Root + "nodes/"
 // the node stops renewing it.
 const AlivePrefix = Root + "alive/"
 
+// ClusterMap holds the ClusterMap record: storage nodes, pools and the epoch placement is computed at.
+const ClusterMap = Root + "clustermap"
+
+// VolumesPrefix holds one Volume record per volume, keyed by name.
+const VolumesPrefix = Root + "volumes/"
+
+// VolumeIDCounter holds the last volume ID handed out (decimal text); IDs are never reused.
+const VolumeIDCounter = Root + "counters/volume-id"
+
+// VolumeKey is the key of a volume's record.
+func VolumeKey(name string) string { return VolumesPrefix + name }
+
 // ElectionsPrefix holds the etcd election keys of leader-elected controllers, one sub-prefix per election.
 const ElectionsPrefix = Root + "elections/"
 

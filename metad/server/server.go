@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"time"
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
 
@@ -16,6 +17,7 @@ import (
 	"github.com/basalt-hv/basalt/internal/datadir"
 	"github.com/basalt-hv/basalt/internal/node"
 	"github.com/basalt-hv/basalt/metad/api"
+	"github.com/basalt-hv/basalt/metad/clustermap"
 	"github.com/basalt-hv/basalt/metad/etcdserver"
 	"google.golang.org/grpc"
 )
@@ -27,6 +29,8 @@ type Config struct {
 	EtcdClientURL string
 	EtcdPeerURL   string
 	EtcdLogLevel  string
+	// DownOut is how long a storage node may be down before its data is re-placed elsewhere.
+	DownOut time.Duration
 }
 
 // DefaultListen is metad's default API address, the one the CLI tries when nothing else is configured.
@@ -39,6 +43,7 @@ func (c *Config) Flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.EtcdClientURL, "etcd-client-url", "http://127.0.0.1:2379", "client URL of the embedded etcd (ignored with --etcd-endpoints)")
 	fs.StringVar(&c.EtcdPeerURL, "etcd-peer-url", "http://127.0.0.1:2380", "peer URL of the embedded etcd (ignored with --etcd-endpoints)")
 	fs.StringVar(&c.EtcdLogLevel, "etcd-log-level", "error", "log level of the embedded etcd: debug, info, warn or error")
+	fs.DurationVar(&c.DownOut, "down-out-interval", clustermap.DefaultDownOut, "how long a blockd may be down before its data is re-placed on other nodes")
 }
 
 // Run serves until ctx ends. With no external etcd endpoints it runs etcd embedded, its data in
@@ -91,6 +96,21 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	if err := clustermap.Init(ctx, n.Store); err != nil {
+		n.Close()
+		return err
+	}
+	ctl := &clustermap.Controller{
+		Store:       n.Store,
+		Candidate:   c.Node.ID,
+		DownOut:     c.DownOut,
+		ElectionTTL: c.Node.LeaseTTL,
+		Log:         log.With("component", "clustermap"),
+	}
+	ctlDone := make(chan struct{})
+	ctlCtx, stopCtl := context.WithCancel(ctx)
+	go func() { ctl.Run(ctlCtx); close(ctlDone) }()
+	defer func() { stopCtl(); <-ctlDone }()
 	api.Register(n.GRPC, &api.ClusterServer{
 		Store:         n.Store,
 		EtcdEndpoints: c.Node.EtcdEndpoints,

@@ -80,7 +80,7 @@ from --endpoint, else $BASALT_ENDPOINT, else the client config that 'basalt up' 
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
 		return usageError{fmt.Errorf("%v (see '%s --help')", err, cmd.CommandPath())}
 	})
-	root.AddCommand(a.upCmd(), a.nodeCmd(), a.clusterCmd(), a.versionCmd())
+	root.AddCommand(a.upCmd(), a.nodeCmd(), a.clusterCmd(), a.volumeCmd(), a.poolCmd(), a.versionCmd())
 	// Unknown subcommands are usage errors too; cobra reports them from Args validation.
 	root.Args = func(cmd *cobra.Command, args []string) error {
 		if len(args) > 0 {

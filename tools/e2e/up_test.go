@@ -78,6 +78,14 @@ func TestUpThenKillAndRestartABlockd(t *testing.T) {
 		t.Errorf("cluster status table:\n%s", out)
 	}
 
+	// A thin 1 PiB volume, placed on all three blockd.
+	if _, errOut, code := e.basalt(nil, "volume", "create", "big", "--size", "1P"); code != 0 {
+		t.Fatalf("volume create: %s", errOut)
+	}
+	if out, _, _ := e.basalt(nil, "volume", "inspect", "big"); !strings.Contains(out, "healthy: 64 placement groups, 64 healthy") {
+		t.Fatalf("volume inspect of a healthy cluster:\n%s", out)
+	}
+
 	// SIGKILL one blockd: it must leave the list within the lease TTL (plus polling slack).
 	killed := c.pid(t, "blockd-2")
 	if err := syscall.Kill(killed, syscall.SIGKILL); err != nil {
@@ -90,6 +98,18 @@ func TestUpThenKillAndRestartABlockd(t *testing.T) {
 	t.Logf("blockd-2 left the node list %s after SIGKILL (lease TTL %s)", took.Round(time.Millisecond), ttl)
 	if s := e.nodes("--all"); s["blockd-2"] != "NODE_STATE_DOWN" {
 		t.Fatalf("node list --all: blockd-2 is %q, want down", s["blockd-2"])
+	}
+	// The cluster map controller marks it down in a new epoch: the volume's placement groups are degraded.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, _, _ := e.basalt(nil, "volume", "inspect", "big", "-o", "json")
+		if strings.Contains(out, `"pgs_degraded": 64`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("volume not reported degraded after a blockd died:\n%s", out)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 
 	// basalt up restarts it after --restart-delay; it comes back as the same node with a new process.

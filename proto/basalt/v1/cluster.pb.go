@@ -147,7 +147,10 @@ type Node struct {
 	// When the node first registered.
 	RegisteredAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=registered_at,json=registeredAt,proto3" json:"registered_at,omitempty"`
 	// Free-form labels for placement rules and operators.
-	Labels        map[string]string `protobuf:"bytes,7,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Labels map[string]string `protobuf:"bytes,7,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// blockd only: where the node serves NBD, over TCP (host:port) and a Unix socket (path). Empty if it does not.
+	NbdAddress    string `protobuf:"bytes,8,opt,name=nbd_address,json=nbdAddress,proto3" json:"nbd_address,omitempty"`
+	NbdSocket     string `protobuf:"bytes,9,opt,name=nbd_socket,json=nbdSocket,proto3" json:"nbd_socket,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -229,6 +232,20 @@ func (x *Node) GetLabels() map[string]string {
 		return x.Labels
 	}
 	return nil
+}
+
+func (x *Node) GetNbdAddress() string {
+	if x != nil {
+		return x.NbdAddress
+	}
+	return ""
+}
+
+func (x *Node) GetNbdSocket() string {
+	if x != nil {
+		return x.NbdSocket
+	}
+	return ""
 }
 
 // Liveness is what a running node publishes under its lease. It vanishes when the lease expires.
@@ -942,7 +959,7 @@ var File_basalt_v1_cluster_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_cluster_proto_rawDesc = "" +
 	"\n" +
-	"\x17basalt/v1/cluster.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x02\n" +
+	"\x17basalt/v1/cluster.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x96\x03\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x13.basalt.v1.NodeKindR\x04kind\x12!\n" +
@@ -950,7 +967,11 @@ const file_basalt_v1_cluster_proto_rawDesc = "" +
 	"\x0efailure_domain\x18\x04 \x01(\tR\rfailureDomain\x12\x1a\n" +
 	"\bhostname\x18\x05 \x01(\tR\bhostname\x12?\n" +
 	"\rregistered_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\fregisteredAt\x123\n" +
-	"\x06labels\x18\a \x03(\v2\x1b.basalt.v1.Node.LabelsEntryR\x06labels\x1a9\n" +
+	"\x06labels\x18\a \x03(\v2\x1b.basalt.v1.Node.LabelsEntryR\x06labels\x12\x1f\n" +
+	"\vnbd_address\x18\b \x01(\tR\n" +
+	"nbdAddress\x12\x1d\n" +
+	"\n" +
+	"nbd_socket\x18\t \x01(\tR\tnbdSocket\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb8\x01\n" +

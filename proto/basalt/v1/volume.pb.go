@@ -26,7 +26,7 @@ type Volume struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	SizeBytes uint64                 `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
-	// Copies kept of every block in the hot tier (1 to 5).
+	// Copies kept of every block in the hot tier (1 to 5): the replication factor of the volume's pool.
 	Replicas uint32 `protobuf:"varint,3,opt,name=replicas,proto3" json:"replicas,omitempty"`
 	// Logical sector size: 512 or 4096.
 	SectorSize uint32 `protobuf:"varint,4,opt,name=sector_size,json=sectorSize,proto3" json:"sector_size,omitempty"`
@@ -34,7 +34,10 @@ type Volume struct {
 	Shared    bool                   `protobuf:"varint,5,opt,name=shared,proto3" json:"shared,omitempty"`
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// Revision of the volume's record; pass it back to make an update conditional.
-	Revision      int64 `protobuf:"varint,7,opt,name=revision,proto3" json:"revision,omitempty"`
+	Revision int64 `protobuf:"varint,7,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Cluster-unique number naming the volume's objects on disk; never reused.
+	Id            uint64 `protobuf:"varint,8,opt,name=id,proto3" json:"id,omitempty"`
+	Pool          string `protobuf:"bytes,9,opt,name=pool,proto3" json:"pool,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -118,13 +121,31 @@ func (x *Volume) GetRevision() int64 {
 	return 0
 }
 
+func (x *Volume) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Volume) GetPool() string {
+	if x != nil {
+		return x.Pool
+	}
+	return ""
+}
+
 type CreateVolumeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	SizeBytes     uint64                 `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
-	Replicas      uint32                 `protobuf:"varint,3,opt,name=replicas,proto3" json:"replicas,omitempty"`
-	SectorSize    uint32                 `protobuf:"varint,4,opt,name=sector_size,json=sectorSize,proto3" json:"sector_size,omitempty"`
-	Shared        bool                   `protobuf:"varint,5,opt,name=shared,proto3" json:"shared,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	SizeBytes uint64                 `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	// Deprecated in favour of `pool`: if set, it must equal the pool's replication factor.
+	Replicas uint32 `protobuf:"varint,3,opt,name=replicas,proto3" json:"replicas,omitempty"`
+	// 512 or 4096; 0 means 512.
+	SectorSize uint32 `protobuf:"varint,4,opt,name=sector_size,json=sectorSize,proto3" json:"sector_size,omitempty"`
+	Shared     bool   `protobuf:"varint,5,opt,name=shared,proto3" json:"shared,omitempty"`
+	// Pool to create the volume in; empty means "default".
+	Pool          string `protobuf:"bytes,6,opt,name=pool,proto3" json:"pool,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -192,6 +213,13 @@ func (x *CreateVolumeRequest) GetShared() bool {
 		return x.Shared
 	}
 	return false
+}
+
+func (x *CreateVolumeRequest) GetPool() string {
+	if x != nil {
+		return x.Pool
+	}
+	return ""
 }
 
 type GetVolumeRequest struct {
@@ -458,11 +486,494 @@ func (x *ResizeVolumeRequest) GetForce() bool {
 	return false
 }
 
+// Pool is a placement and protection policy: how many copies, over how many placement groups.
+type Pool struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Cluster-unique number of the pool, used in placement hashing.
+	Id uint32 `protobuf:"varint,2,opt,name=id,proto3" json:"id,omitempty"`
+	// Copies of every object, each in a different failure domain (1 to 5).
+	Replicas uint32 `protobuf:"varint,3,opt,name=replicas,proto3" json:"replicas,omitempty"`
+	// Placement groups the pool's objects hash into. More PGs spread load and recovery more evenly.
+	PgCount       uint32 `protobuf:"varint,4,opt,name=pg_count,json=pgCount,proto3" json:"pg_count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Pool) Reset() {
+	*x = Pool{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Pool) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Pool) ProtoMessage() {}
+
+func (x *Pool) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Pool.ProtoReflect.Descriptor instead.
+func (*Pool) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Pool) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Pool) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Pool) GetReplicas() uint32 {
+	if x != nil {
+		return x.Replicas
+	}
+	return 0
+}
+
+func (x *Pool) GetPgCount() uint32 {
+	if x != nil {
+		return x.PgCount
+	}
+	return 0
+}
+
+type CreatePoolRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Name     string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Replicas uint32                 `protobuf:"varint,2,opt,name=replicas,proto3" json:"replicas,omitempty"`
+	// 0 means the default (64).
+	PgCount       uint32 `protobuf:"varint,3,opt,name=pg_count,json=pgCount,proto3" json:"pg_count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreatePoolRequest) Reset() {
+	*x = CreatePoolRequest{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreatePoolRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreatePoolRequest) ProtoMessage() {}
+
+func (x *CreatePoolRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreatePoolRequest.ProtoReflect.Descriptor instead.
+func (*CreatePoolRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *CreatePoolRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreatePoolRequest) GetReplicas() uint32 {
+	if x != nil {
+		return x.Replicas
+	}
+	return 0
+}
+
+func (x *CreatePoolRequest) GetPgCount() uint32 {
+	if x != nil {
+		return x.PgCount
+	}
+	return 0
+}
+
+type ListPoolsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPoolsRequest) Reset() {
+	*x = ListPoolsRequest{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPoolsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPoolsRequest) ProtoMessage() {}
+
+func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPoolsRequest.ProtoReflect.Descriptor instead.
+func (*ListPoolsRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{10}
+}
+
+type ListPoolsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pools         []*Pool                `protobuf:"bytes,1,rep,name=pools,proto3" json:"pools,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPoolsResponse) Reset() {
+	*x = ListPoolsResponse{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPoolsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPoolsResponse) ProtoMessage() {}
+
+func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPoolsResponse.ProtoReflect.Descriptor instead.
+func (*ListPoolsResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ListPoolsResponse) GetPools() []*Pool {
+	if x != nil {
+		return x.Pools
+	}
+	return nil
+}
+
+type DeletePoolRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeletePoolRequest) Reset() {
+	*x = DeletePoolRequest{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeletePoolRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeletePoolRequest) ProtoMessage() {}
+
+func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeletePoolRequest.ProtoReflect.Descriptor instead.
+func (*DeletePoolRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *DeletePoolRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type DeletePoolResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeletePoolResponse) Reset() {
+	*x = DeletePoolResponse{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeletePoolResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeletePoolResponse) ProtoMessage() {}
+
+func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeletePoolResponse.ProtoReflect.Descriptor instead.
+func (*DeletePoolResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{13}
+}
+
+// VolumeStatus is a volume's placement health at one cluster map epoch.
+type VolumeStatus struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	// Cluster map epoch the status was computed at.
+	Epoch uint64 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// Placement groups of the volume's pool, by health: all replicas up; some down; none up.
+	PgsTotal       uint32               `protobuf:"varint,3,opt,name=pgs_total,json=pgsTotal,proto3" json:"pgs_total,omitempty"`
+	PgsHealthy     uint32               `protobuf:"varint,4,opt,name=pgs_healthy,json=pgsHealthy,proto3" json:"pgs_healthy,omitempty"`
+	PgsDegraded    uint32               `protobuf:"varint,5,opt,name=pgs_degraded,json=pgsDegraded,proto3" json:"pgs_degraded,omitempty"`
+	PgsUnavailable uint32               `protobuf:"varint,6,opt,name=pgs_unavailable,json=pgsUnavailable,proto3" json:"pgs_unavailable,omitempty"`
+	Nodes          []*VolumeReplicaNode `protobuf:"bytes,7,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	// NBD URIs to attach the volume with, through any blockd that is up (TCP and Unix socket).
+	NbdUris       []string `protobuf:"bytes,8,rep,name=nbd_uris,json=nbdUris,proto3" json:"nbd_uris,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeStatus) Reset() {
+	*x = VolumeStatus{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeStatus) ProtoMessage() {}
+
+func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
+func (*VolumeStatus) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *VolumeStatus) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+func (x *VolumeStatus) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *VolumeStatus) GetPgsTotal() uint32 {
+	if x != nil {
+		return x.PgsTotal
+	}
+	return 0
+}
+
+func (x *VolumeStatus) GetPgsHealthy() uint32 {
+	if x != nil {
+		return x.PgsHealthy
+	}
+	return 0
+}
+
+func (x *VolumeStatus) GetPgsDegraded() uint32 {
+	if x != nil {
+		return x.PgsDegraded
+	}
+	return 0
+}
+
+func (x *VolumeStatus) GetPgsUnavailable() uint32 {
+	if x != nil {
+		return x.PgsUnavailable
+	}
+	return 0
+}
+
+func (x *VolumeStatus) GetNodes() []*VolumeReplicaNode {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+func (x *VolumeStatus) GetNbdUris() []string {
+	if x != nil {
+		return x.NbdUris
+	}
+	return nil
+}
+
+// VolumeReplicaNode is a storage node holding replicas of some of a volume's placement groups.
+type VolumeReplicaNode struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	FailureDomain string                 `protobuf:"bytes,2,opt,name=failure_domain,json=failureDomain,proto3" json:"failure_domain,omitempty"`
+	Up            bool                   `protobuf:"varint,3,opt,name=up,proto3" json:"up,omitempty"`
+	In            bool                   `protobuf:"varint,4,opt,name=in,proto3" json:"in,omitempty"`
+	// Placement groups of the volume's pool this node is a member of, and primary of.
+	Pgs           uint32 `protobuf:"varint,5,opt,name=pgs,proto3" json:"pgs,omitempty"`
+	PrimaryPgs    uint32 `protobuf:"varint,6,opt,name=primary_pgs,json=primaryPgs,proto3" json:"primary_pgs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeReplicaNode) Reset() {
+	*x = VolumeReplicaNode{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeReplicaNode) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeReplicaNode) ProtoMessage() {}
+
+func (x *VolumeReplicaNode) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeReplicaNode.ProtoReflect.Descriptor instead.
+func (*VolumeReplicaNode) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *VolumeReplicaNode) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *VolumeReplicaNode) GetFailureDomain() string {
+	if x != nil {
+		return x.FailureDomain
+	}
+	return ""
+}
+
+func (x *VolumeReplicaNode) GetUp() bool {
+	if x != nil {
+		return x.Up
+	}
+	return false
+}
+
+func (x *VolumeReplicaNode) GetIn() bool {
+	if x != nil {
+		return x.In
+	}
+	return false
+}
+
+func (x *VolumeReplicaNode) GetPgs() uint32 {
+	if x != nil {
+		return x.Pgs
+	}
+	return 0
+}
+
+func (x *VolumeReplicaNode) GetPrimaryPgs() uint32 {
+	if x != nil {
+		return x.PrimaryPgs
+	}
+	return 0
+}
+
 var File_basalt_v1_volume_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\n" +
-	"\x16basalt/v1/volume.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe7\x01\n" +
+	"\x16basalt/v1/volume.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x02\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -473,7 +984,9 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\x06shared\x18\x05 \x01(\bR\x06shared\x129\n" +
 	"\n" +
 	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1a\n" +
-	"\brevision\x18\a \x01(\x03R\brevision\"\x9d\x01\n" +
+	"\brevision\x18\a \x01(\x03R\brevision\x12\x0e\n" +
+	"\x02id\x18\b \x01(\x04R\x02id\x12\x12\n" +
+	"\x04pool\x18\t \x01(\tR\x04pool\"\xb1\x01\n" +
 	"\x13CreateVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -481,7 +994,8 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\breplicas\x18\x03 \x01(\rR\breplicas\x12\x1f\n" +
 	"\vsector_size\x18\x04 \x01(\rR\n" +
 	"sectorSize\x12\x16\n" +
-	"\x06shared\x18\x05 \x01(\bR\x06shared\"&\n" +
+	"\x06shared\x18\x05 \x01(\bR\x06shared\x12\x12\n" +
+	"\x04pool\x18\x06 \x01(\tR\x04pool\"&\n" +
 	"\x10GetVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
 	"\x12ListVolumesRequest\"B\n" +
@@ -494,13 +1008,52 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
 	"size_bytes\x18\x02 \x01(\x04R\tsizeBytes\x12\x14\n" +
-	"\x05force\x18\x03 \x01(\bR\x05force2\xf1\x02\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"a\n" +
+	"\x04Pool\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\rR\x02id\x12\x1a\n" +
+	"\breplicas\x18\x03 \x01(\rR\breplicas\x12\x19\n" +
+	"\bpg_count\x18\x04 \x01(\rR\apgCount\"^\n" +
+	"\x11CreatePoolRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x19\n" +
+	"\bpg_count\x18\x03 \x01(\rR\apgCount\"\x12\n" +
+	"\x10ListPoolsRequest\":\n" +
+	"\x11ListPoolsResponse\x12%\n" +
+	"\x05pools\x18\x01 \x03(\v2\x0f.basalt.v1.PoolR\x05pools\"'\n" +
+	"\x11DeletePoolRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
+	"\x12DeletePoolResponse\"\xa8\x02\n" +
+	"\fVolumeStatus\x12)\n" +
+	"\x06volume\x18\x01 \x01(\v2\x11.basalt.v1.VolumeR\x06volume\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x1b\n" +
+	"\tpgs_total\x18\x03 \x01(\rR\bpgsTotal\x12\x1f\n" +
+	"\vpgs_healthy\x18\x04 \x01(\rR\n" +
+	"pgsHealthy\x12!\n" +
+	"\fpgs_degraded\x18\x05 \x01(\rR\vpgsDegraded\x12'\n" +
+	"\x0fpgs_unavailable\x18\x06 \x01(\rR\x0epgsUnavailable\x122\n" +
+	"\x05nodes\x18\a \x03(\v2\x1c.basalt.v1.VolumeReplicaNodeR\x05nodes\x12\x19\n" +
+	"\bnbd_uris\x18\b \x03(\tR\anbdUris\"\x9d\x01\n" +
+	"\x11VolumeReplicaNode\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12%\n" +
+	"\x0efailure_domain\x18\x02 \x01(\tR\rfailureDomain\x12\x0e\n" +
+	"\x02up\x18\x03 \x01(\bR\x02up\x12\x0e\n" +
+	"\x02in\x18\x04 \x01(\bR\x02in\x12\x10\n" +
+	"\x03pgs\x18\x05 \x01(\rR\x03pgs\x12\x1f\n" +
+	"\vprimary_pgs\x18\x06 \x01(\rR\n" +
+	"primaryPgs2\x8a\x05\n" +
 	"\rVolumeService\x12A\n" +
 	"\fCreateVolume\x12\x1e.basalt.v1.CreateVolumeRequest\x1a\x11.basalt.v1.Volume\x12;\n" +
 	"\tGetVolume\x12\x1b.basalt.v1.GetVolumeRequest\x1a\x11.basalt.v1.Volume\x12L\n" +
 	"\vListVolumes\x12\x1d.basalt.v1.ListVolumesRequest\x1a\x1e.basalt.v1.ListVolumesResponse\x12O\n" +
 	"\fDeleteVolume\x12\x1e.basalt.v1.DeleteVolumeRequest\x1a\x1f.basalt.v1.DeleteVolumeResponse\x12A\n" +
-	"\fResizeVolume\x12\x1e.basalt.v1.ResizeVolumeRequest\x1a\x11.basalt.v1.VolumeB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
+	"\fResizeVolume\x12\x1e.basalt.v1.ResizeVolumeRequest\x1a\x11.basalt.v1.Volume\x12G\n" +
+	"\x0fGetVolumeStatus\x12\x1b.basalt.v1.GetVolumeRequest\x1a\x17.basalt.v1.VolumeStatus\x12;\n" +
+	"\n" +
+	"CreatePool\x12\x1c.basalt.v1.CreatePoolRequest\x1a\x0f.basalt.v1.Pool\x12F\n" +
+	"\tListPools\x12\x1b.basalt.v1.ListPoolsRequest\x1a\x1c.basalt.v1.ListPoolsResponse\x12I\n" +
+	"\n" +
+	"DeletePool\x12\x1c.basalt.v1.DeletePoolRequest\x1a\x1d.basalt.v1.DeletePoolResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
 
 var (
 	file_basalt_v1_volume_proto_rawDescOnce sync.Once
@@ -514,7 +1067,7 @@ func file_basalt_v1_volume_proto_rawDescGZIP() []byte {
 	return file_basalt_v1_volume_proto_rawDescData
 }
 
-var file_basalt_v1_volume_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_basalt_v1_volume_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_basalt_v1_volume_proto_goTypes = []any{
 	(*Volume)(nil),                // 0: basalt.v1.Volume
 	(*CreateVolumeRequest)(nil),   // 1: basalt.v1.CreateVolumeRequest
@@ -524,26 +1077,45 @@ var file_basalt_v1_volume_proto_goTypes = []any{
 	(*DeleteVolumeRequest)(nil),   // 5: basalt.v1.DeleteVolumeRequest
 	(*DeleteVolumeResponse)(nil),  // 6: basalt.v1.DeleteVolumeResponse
 	(*ResizeVolumeRequest)(nil),   // 7: basalt.v1.ResizeVolumeRequest
-	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
+	(*Pool)(nil),                  // 8: basalt.v1.Pool
+	(*CreatePoolRequest)(nil),     // 9: basalt.v1.CreatePoolRequest
+	(*ListPoolsRequest)(nil),      // 10: basalt.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),     // 11: basalt.v1.ListPoolsResponse
+	(*DeletePoolRequest)(nil),     // 12: basalt.v1.DeletePoolRequest
+	(*DeletePoolResponse)(nil),    // 13: basalt.v1.DeletePoolResponse
+	(*VolumeStatus)(nil),          // 14: basalt.v1.VolumeStatus
+	(*VolumeReplicaNode)(nil),     // 15: basalt.v1.VolumeReplicaNode
+	(*timestamppb.Timestamp)(nil), // 16: google.protobuf.Timestamp
 }
 var file_basalt_v1_volume_proto_depIdxs = []int32{
-	8, // 0: basalt.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
-	0, // 1: basalt.v1.ListVolumesResponse.volumes:type_name -> basalt.v1.Volume
-	1, // 2: basalt.v1.VolumeService.CreateVolume:input_type -> basalt.v1.CreateVolumeRequest
-	2, // 3: basalt.v1.VolumeService.GetVolume:input_type -> basalt.v1.GetVolumeRequest
-	3, // 4: basalt.v1.VolumeService.ListVolumes:input_type -> basalt.v1.ListVolumesRequest
-	5, // 5: basalt.v1.VolumeService.DeleteVolume:input_type -> basalt.v1.DeleteVolumeRequest
-	7, // 6: basalt.v1.VolumeService.ResizeVolume:input_type -> basalt.v1.ResizeVolumeRequest
-	0, // 7: basalt.v1.VolumeService.CreateVolume:output_type -> basalt.v1.Volume
-	0, // 8: basalt.v1.VolumeService.GetVolume:output_type -> basalt.v1.Volume
-	4, // 9: basalt.v1.VolumeService.ListVolumes:output_type -> basalt.v1.ListVolumesResponse
-	6, // 10: basalt.v1.VolumeService.DeleteVolume:output_type -> basalt.v1.DeleteVolumeResponse
-	0, // 11: basalt.v1.VolumeService.ResizeVolume:output_type -> basalt.v1.Volume
-	7, // [7:12] is the sub-list for method output_type
-	2, // [2:7] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	16, // 0: basalt.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	0,  // 1: basalt.v1.ListVolumesResponse.volumes:type_name -> basalt.v1.Volume
+	8,  // 2: basalt.v1.ListPoolsResponse.pools:type_name -> basalt.v1.Pool
+	0,  // 3: basalt.v1.VolumeStatus.volume:type_name -> basalt.v1.Volume
+	15, // 4: basalt.v1.VolumeStatus.nodes:type_name -> basalt.v1.VolumeReplicaNode
+	1,  // 5: basalt.v1.VolumeService.CreateVolume:input_type -> basalt.v1.CreateVolumeRequest
+	2,  // 6: basalt.v1.VolumeService.GetVolume:input_type -> basalt.v1.GetVolumeRequest
+	3,  // 7: basalt.v1.VolumeService.ListVolumes:input_type -> basalt.v1.ListVolumesRequest
+	5,  // 8: basalt.v1.VolumeService.DeleteVolume:input_type -> basalt.v1.DeleteVolumeRequest
+	7,  // 9: basalt.v1.VolumeService.ResizeVolume:input_type -> basalt.v1.ResizeVolumeRequest
+	2,  // 10: basalt.v1.VolumeService.GetVolumeStatus:input_type -> basalt.v1.GetVolumeRequest
+	9,  // 11: basalt.v1.VolumeService.CreatePool:input_type -> basalt.v1.CreatePoolRequest
+	10, // 12: basalt.v1.VolumeService.ListPools:input_type -> basalt.v1.ListPoolsRequest
+	12, // 13: basalt.v1.VolumeService.DeletePool:input_type -> basalt.v1.DeletePoolRequest
+	0,  // 14: basalt.v1.VolumeService.CreateVolume:output_type -> basalt.v1.Volume
+	0,  // 15: basalt.v1.VolumeService.GetVolume:output_type -> basalt.v1.Volume
+	4,  // 16: basalt.v1.VolumeService.ListVolumes:output_type -> basalt.v1.ListVolumesResponse
+	6,  // 17: basalt.v1.VolumeService.DeleteVolume:output_type -> basalt.v1.DeleteVolumeResponse
+	0,  // 18: basalt.v1.VolumeService.ResizeVolume:output_type -> basalt.v1.Volume
+	14, // 19: basalt.v1.VolumeService.GetVolumeStatus:output_type -> basalt.v1.VolumeStatus
+	8,  // 20: basalt.v1.VolumeService.CreatePool:output_type -> basalt.v1.Pool
+	11, // 21: basalt.v1.VolumeService.ListPools:output_type -> basalt.v1.ListPoolsResponse
+	13, // 22: basalt.v1.VolumeService.DeletePool:output_type -> basalt.v1.DeletePoolResponse
+	14, // [14:23] is the sub-list for method output_type
+	5,  // [5:14] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_basalt_v1_volume_proto_init() }
@@ -557,7 +1129,7 @@ func file_basalt_v1_volume_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_volume_proto_rawDesc), len(file_basalt_v1_volume_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   8,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

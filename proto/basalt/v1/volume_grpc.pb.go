@@ -19,19 +19,23 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	VolumeService_CreateVolume_FullMethodName = "/basalt.v1.VolumeService/CreateVolume"
-	VolumeService_GetVolume_FullMethodName    = "/basalt.v1.VolumeService/GetVolume"
-	VolumeService_ListVolumes_FullMethodName  = "/basalt.v1.VolumeService/ListVolumes"
-	VolumeService_DeleteVolume_FullMethodName = "/basalt.v1.VolumeService/DeleteVolume"
-	VolumeService_ResizeVolume_FullMethodName = "/basalt.v1.VolumeService/ResizeVolume"
+	VolumeService_CreateVolume_FullMethodName    = "/basalt.v1.VolumeService/CreateVolume"
+	VolumeService_GetVolume_FullMethodName       = "/basalt.v1.VolumeService/GetVolume"
+	VolumeService_ListVolumes_FullMethodName     = "/basalt.v1.VolumeService/ListVolumes"
+	VolumeService_DeleteVolume_FullMethodName    = "/basalt.v1.VolumeService/DeleteVolume"
+	VolumeService_ResizeVolume_FullMethodName    = "/basalt.v1.VolumeService/ResizeVolume"
+	VolumeService_GetVolumeStatus_FullMethodName = "/basalt.v1.VolumeService/GetVolumeStatus"
+	VolumeService_CreatePool_FullMethodName      = "/basalt.v1.VolumeService/CreatePool"
+	VolumeService_ListPools_FullMethodName       = "/basalt.v1.VolumeService/ListPools"
+	VolumeService_DeletePool_FullMethodName      = "/basalt.v1.VolumeService/DeletePool"
 )
 
 // VolumeServiceClient is the client API for VolumeService service.
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
-// VolumeService manages thin, replicated block volumes. Volumes are exported over NBD by every blockd; the
-// export name is the volume name.
+// VolumeService manages thin, replicated block volumes and the pools they live in. Volumes are exported over NBD
+// by every blockd; the export name is the volume name.
 type VolumeServiceClient interface {
 	CreateVolume(ctx context.Context, in *CreateVolumeRequest, opts ...grpc.CallOption) (*Volume, error)
 	GetVolume(ctx context.Context, in *GetVolumeRequest, opts ...grpc.CallOption) (*Volume, error)
@@ -39,6 +43,11 @@ type VolumeServiceClient interface {
 	DeleteVolume(ctx context.Context, in *DeleteVolumeRequest, opts ...grpc.CallOption) (*DeleteVolumeResponse, error)
 	// ResizeVolume grows or shrinks a volume online. Shrinking below written data needs `force`.
 	ResizeVolume(ctx context.Context, in *ResizeVolumeRequest, opts ...grpc.CallOption) (*Volume, error)
+	// GetVolumeStatus reports where the volume's data lives and how healthy its placement groups are.
+	GetVolumeStatus(ctx context.Context, in *GetVolumeRequest, opts ...grpc.CallOption) (*VolumeStatus, error)
+	CreatePool(ctx context.Context, in *CreatePoolRequest, opts ...grpc.CallOption) (*Pool, error)
+	ListPools(ctx context.Context, in *ListPoolsRequest, opts ...grpc.CallOption) (*ListPoolsResponse, error)
+	DeletePool(ctx context.Context, in *DeletePoolRequest, opts ...grpc.CallOption) (*DeletePoolResponse, error)
 }
 
 type volumeServiceClient struct {
@@ -99,12 +108,52 @@ func (c *volumeServiceClient) ResizeVolume(ctx context.Context, in *ResizeVolume
 	return out, nil
 }
 
+func (c *volumeServiceClient) GetVolumeStatus(ctx context.Context, in *GetVolumeRequest, opts ...grpc.CallOption) (*VolumeStatus, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumeStatus)
+	err := c.cc.Invoke(ctx, VolumeService_GetVolumeStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *volumeServiceClient) CreatePool(ctx context.Context, in *CreatePoolRequest, opts ...grpc.CallOption) (*Pool, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Pool)
+	err := c.cc.Invoke(ctx, VolumeService_CreatePool_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *volumeServiceClient) ListPools(ctx context.Context, in *ListPoolsRequest, opts ...grpc.CallOption) (*ListPoolsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListPoolsResponse)
+	err := c.cc.Invoke(ctx, VolumeService_ListPools_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *volumeServiceClient) DeletePool(ctx context.Context, in *DeletePoolRequest, opts ...grpc.CallOption) (*DeletePoolResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeletePoolResponse)
+	err := c.cc.Invoke(ctx, VolumeService_DeletePool_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // VolumeServiceServer is the server API for VolumeService service.
 // All implementations must embed UnimplementedVolumeServiceServer
 // for forward compatibility.
 //
-// VolumeService manages thin, replicated block volumes. Volumes are exported over NBD by every blockd; the
-// export name is the volume name.
+// VolumeService manages thin, replicated block volumes and the pools they live in. Volumes are exported over NBD
+// by every blockd; the export name is the volume name.
 type VolumeServiceServer interface {
 	CreateVolume(context.Context, *CreateVolumeRequest) (*Volume, error)
 	GetVolume(context.Context, *GetVolumeRequest) (*Volume, error)
@@ -112,6 +161,11 @@ type VolumeServiceServer interface {
 	DeleteVolume(context.Context, *DeleteVolumeRequest) (*DeleteVolumeResponse, error)
 	// ResizeVolume grows or shrinks a volume online. Shrinking below written data needs `force`.
 	ResizeVolume(context.Context, *ResizeVolumeRequest) (*Volume, error)
+	// GetVolumeStatus reports where the volume's data lives and how healthy its placement groups are.
+	GetVolumeStatus(context.Context, *GetVolumeRequest) (*VolumeStatus, error)
+	CreatePool(context.Context, *CreatePoolRequest) (*Pool, error)
+	ListPools(context.Context, *ListPoolsRequest) (*ListPoolsResponse, error)
+	DeletePool(context.Context, *DeletePoolRequest) (*DeletePoolResponse, error)
 	mustEmbedUnimplementedVolumeServiceServer()
 }
 
@@ -136,6 +190,18 @@ func (UnimplementedVolumeServiceServer) DeleteVolume(context.Context, *DeleteVol
 }
 func (UnimplementedVolumeServiceServer) ResizeVolume(context.Context, *ResizeVolumeRequest) (*Volume, error) {
 	return nil, status.Error(codes.Unimplemented, "method ResizeVolume not implemented")
+}
+func (UnimplementedVolumeServiceServer) GetVolumeStatus(context.Context, *GetVolumeRequest) (*VolumeStatus, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetVolumeStatus not implemented")
+}
+func (UnimplementedVolumeServiceServer) CreatePool(context.Context, *CreatePoolRequest) (*Pool, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreatePool not implemented")
+}
+func (UnimplementedVolumeServiceServer) ListPools(context.Context, *ListPoolsRequest) (*ListPoolsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListPools not implemented")
+}
+func (UnimplementedVolumeServiceServer) DeletePool(context.Context, *DeletePoolRequest) (*DeletePoolResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeletePool not implemented")
 }
 func (UnimplementedVolumeServiceServer) mustEmbedUnimplementedVolumeServiceServer() {}
 func (UnimplementedVolumeServiceServer) testEmbeddedByValue()                       {}
@@ -248,6 +314,78 @@ func _VolumeService_ResizeVolume_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VolumeService_GetVolumeStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetVolumeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).GetVolumeStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_GetVolumeStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).GetVolumeStatus(ctx, req.(*GetVolumeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VolumeService_CreatePool_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreatePoolRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).CreatePool(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_CreatePool_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).CreatePool(ctx, req.(*CreatePoolRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VolumeService_ListPools_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListPoolsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).ListPools(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_ListPools_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).ListPools(ctx, req.(*ListPoolsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VolumeService_DeletePool_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeletePoolRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).DeletePool(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_DeletePool_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).DeletePool(ctx, req.(*DeletePoolRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // VolumeService_ServiceDesc is the grpc.ServiceDesc for VolumeService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -274,6 +412,22 @@ var VolumeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ResizeVolume",
 			Handler:    _VolumeService_ResizeVolume_Handler,
+		},
+		{
+			MethodName: "GetVolumeStatus",
+			Handler:    _VolumeService_GetVolumeStatus_Handler,
+		},
+		{
+			MethodName: "CreatePool",
+			Handler:    _VolumeService_CreatePool_Handler,
+		},
+		{
+			MethodName: "ListPools",
+			Handler:    _VolumeService_ListPools_Handler,
+		},
+		{
+			MethodName: "DeletePool",
+			Handler:    _VolumeService_DeletePool_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -1,0 +1,349 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"slices"
+	"strconv"
+
+	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
+
+	"github.com/basalt-hv/basalt/internal/placement"
+	"github.com/basalt-hv/basalt/metad/clustermap"
+	"github.com/basalt-hv/basalt/metad/registry"
+	"github.com/basalt-hv/basalt/metad/schema"
+	"github.com/basalt-hv/basalt/metad/store"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+// MaxVolumeSize bounds a volume's size: 2^60 bytes (1 EiB) keeps every byte offset comfortably inside int64.
+const MaxVolumeSize = 1 << 60
+
+// MaxPGs bounds a pool's placement groups.
+const MaxPGs = 1 << 16
+
+// VolumeServer serves VolumeService: volume and pool metadata in etcd. The data path (NBD, replication) is
+// blockd's; a volume's record is what every blockd exports.
+type VolumeServer struct {
+	basaltv1.UnimplementedVolumeServiceServer
+	Store *store.Store
+}
+
+func invalid(format string, args ...any) error {
+	return status.Errorf(codes.InvalidArgument, format, args...)
+}
+
+// CreateVolume records a thin volume: no data is written and nothing is allocated until a client writes.
+func (v *VolumeServer) CreateVolume(ctx context.Context, r *basaltv1.CreateVolumeRequest) (*basaltv1.Volume, error) {
+	if err := schema.ValidateName("volume", r.GetName()); err != nil {
+		return nil, invalid("%v", err)
+	}
+	sector := r.GetSectorSize()
+	if sector == 0 {
+		sector = 512
+	}
+	if sector != 512 && sector != 4096 {
+		return nil, invalid("sector size %d: want 512 or 4096", sector)
+	}
+	size := r.GetSizeBytes()
+	if size == 0 || size > MaxVolumeSize || size%uint64(sector) != 0 {
+		return nil, invalid("size %d: want a multiple of the %d-byte sector size between %d and %d (1 EiB)", size, sector, sector, uint64(MaxVolumeSize))
+	}
+	poolName := r.GetPool()
+	if poolName == "" {
+		poolName = clustermap.DefaultPool
+	}
+	m, err := clustermap.Get(ctx, v.Store)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	pool := placement.Pool(m, poolName)
+	if pool == nil {
+		return nil, status.Errorf(codes.NotFound, "pool %q does not exist (see 'basalt pool list')", poolName)
+	}
+	if n := r.GetReplicas(); n != 0 && n != pool.GetReplicas() {
+		return nil, invalid("pool %q keeps %d copies, not %d: choose a pool with %d (basalt pool create NAME --replicas %d)", poolName, pool.GetReplicas(), n, n, n)
+	}
+	vol := &basaltv1.Volume{
+		Name:       r.GetName(),
+		SizeBytes:  size,
+		Replicas:   pool.GetReplicas(),
+		SectorSize: sector,
+		Shared:     r.GetShared(),
+		CreatedAt:  timestamppb.Now(),
+		Pool:       poolName,
+	}
+	// The ID counter and the record are written in one transaction: an ID is never handed out twice, and a
+	// failed create consumes none.
+	for {
+		cur, err := v.Store.Client.Get(ctx, schema.VolumeIDCounter)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		var last uint64
+		var rev int64
+		if len(cur.Kvs) == 1 {
+			last, err = strconv.ParseUint(string(cur.Kvs[0].Value), 10, 64)
+			if err != nil {
+				return nil, status.Errorf(codes.Internal, "volume ID counter is corrupt: %v", err)
+			}
+			rev = cur.Kvs[0].ModRevision
+		}
+		vol.Id = last + 1
+		b, err := proto.MarshalOptions{Deterministic: true}.Marshal(vol)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "encode volume: %v", err)
+		}
+		key := schema.VolumeKey(vol.GetName())
+		resp, err := v.Store.Client.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(schema.VolumeIDCounter), "=", rev),
+				clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+			Then(clientv3.OpPut(schema.VolumeIDCounter, strconv.FormatUint(vol.Id, 10)), clientv3.OpPut(key, string(b))).
+			Commit()
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		if resp.Succeeded {
+			vol.Revision = resp.Header.GetRevision()
+			return vol, nil
+		}
+		if _, err := store.Get[basaltv1.Volume](ctx, v.Store, key); err == nil {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %q already exists", vol.GetName())
+		}
+		// Another create took the next ID first: try again with the one after.
+	}
+}
+
+func (v *VolumeServer) get(ctx context.Context, name string) (store.Record[*basaltv1.Volume], error) {
+	if err := schema.ValidateName("volume", name); err != nil {
+		return store.Record[*basaltv1.Volume]{}, invalid("%v", err)
+	}
+	r, err := store.Get[basaltv1.Volume](ctx, v.Store, schema.VolumeKey(name))
+	if errors.Is(err, store.ErrNotFound) {
+		return r, status.Errorf(codes.NotFound, "volume %q does not exist", name)
+	}
+	if err != nil {
+		return r, toStatus(err)
+	}
+	r.Value.Revision = r.ModRevision
+	return r, nil
+}
+
+// GetVolume returns one volume.
+func (v *VolumeServer) GetVolume(ctx context.Context, r *basaltv1.GetVolumeRequest) (*basaltv1.Volume, error) {
+	rec, err := v.get(ctx, r.GetName())
+	if err != nil {
+		return nil, err
+	}
+	return rec.Value, nil
+}
+
+// ListVolumes lists every volume, by name.
+func (v *VolumeServer) ListVolumes(ctx context.Context, _ *basaltv1.ListVolumesRequest) (*basaltv1.ListVolumesResponse, error) {
+	recs, _, err := store.List[basaltv1.Volume](ctx, v.Store, schema.VolumesPrefix)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	out := &basaltv1.ListVolumesResponse{}
+	for _, r := range recs {
+		r.Value.Revision = r.ModRevision
+		out.Volumes = append(out.Volumes, r.Value)
+	}
+	return out, nil
+}
+
+// DeleteVolume removes a volume's record; every blockd then drops the volume's data.
+func (v *VolumeServer) DeleteVolume(ctx context.Context, r *basaltv1.DeleteVolumeRequest) (*basaltv1.DeleteVolumeResponse, error) {
+	rec, err := v.get(ctx, r.GetName())
+	if err != nil {
+		return nil, err
+	}
+	if err := v.Store.Delete(ctx, rec.Key, rec.ModRevision); err != nil {
+		return nil, toStatus(err)
+	}
+	return &basaltv1.DeleteVolumeResponse{}, nil
+}
+
+// ResizeVolume changes a volume's size. Growing is always safe. Shrinking needs force: this build cannot yet
+// tell whether data was written past the new end, so it assumes it was.
+func (v *VolumeServer) ResizeVolume(ctx context.Context, r *basaltv1.ResizeVolumeRequest) (*basaltv1.Volume, error) {
+	rec, err := v.get(ctx, r.GetName())
+	if err != nil {
+		return nil, err
+	}
+	vol := rec.Value
+	size := r.GetSizeBytes()
+	if size == 0 || size > MaxVolumeSize || size%uint64(vol.GetSectorSize()) != 0 {
+		return nil, invalid("size %d: want a multiple of the %d-byte sector size between %d and %d (1 EiB)", size, vol.GetSectorSize(), vol.GetSectorSize(), uint64(MaxVolumeSize))
+	}
+	if size < vol.GetSizeBytes() && !r.GetForce() {
+		return nil, status.Errorf(codes.FailedPrecondition, "shrinking %s from %d to %d bytes discards everything written past byte %d; pass --force to shrink anyway", vol.GetName(), vol.GetSizeBytes(), size, size)
+	}
+	vol.SizeBytes = size
+	vol.Revision = 0
+	rev, err := v.Store.Update(ctx, rec.Key, vol, rec.ModRevision)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	vol.Revision = rev
+	return vol, nil
+}
+
+// GetVolumeStatus computes the health of the volume's placement groups from the current cluster map.
+func (v *VolumeServer) GetVolumeStatus(ctx context.Context, r *basaltv1.GetVolumeRequest) (*basaltv1.VolumeStatus, error) {
+	rec, err := v.get(ctx, r.GetName())
+	if err != nil {
+		return nil, err
+	}
+	m, err := clustermap.Get(ctx, v.Store)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	pool := placement.Pool(m, rec.Value.GetPool())
+	if pool == nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %q is in pool %q, which no longer exists", rec.Value.GetName(), rec.Value.GetPool())
+	}
+	st := &basaltv1.VolumeStatus{Volume: rec.Value, Epoch: m.GetEpoch(), PgsTotal: pool.GetPgCount()}
+	byNode := map[string]*basaltv1.VolumeReplicaNode{}
+	for pg := range pool.GetPgCount() {
+		members := placement.Members(m, pool, placement.PG{Pool: pool.GetId(), Num: pg})
+		acting := placement.ActingSet(m, pool, placement.PG{Pool: pool.GetId(), Num: pg})
+		switch {
+		case len(acting) == 0:
+			st.PgsUnavailable++
+		case len(acting) < int(pool.GetReplicas()):
+			st.PgsDegraded++
+		default:
+			st.PgsHealthy++
+		}
+		for _, n := range members {
+			rn := byNode[n.GetId()]
+			if rn == nil {
+				rn = &basaltv1.VolumeReplicaNode{Id: n.GetId(), FailureDomain: n.GetFailureDomain(), Up: n.GetUp(), In: n.GetIn()}
+				byNode[n.GetId()] = rn
+			}
+			rn.Pgs++
+			if len(acting) > 0 && acting[0].GetId() == n.GetId() {
+				rn.PrimaryPgs++
+			}
+		}
+	}
+	for _, rn := range byNode {
+		st.Nodes = append(st.Nodes, rn)
+	}
+	slices.SortFunc(st.Nodes, func(a, b *basaltv1.VolumeReplicaNode) int {
+		switch {
+		case a.GetId() < b.GetId():
+			return -1
+		case a.GetId() > b.GetId():
+			return 1
+		}
+		return 0
+	})
+	st.NbdUris, err = v.nbdURIs(ctx, rec.Value.GetName())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return st, nil
+}
+
+// nbdURIs lists the URIs of the volume's export on every blockd that is up and serves NBD.
+func (v *VolumeServer) nbdURIs(ctx context.Context, name string) ([]string, error) {
+	nodes, err := registry.List(ctx, v.Store, basaltv1.NodeKind_NODE_KIND_BLOCKD, false)
+	if err != nil {
+		return nil, err
+	}
+	var uris []string
+	for _, n := range nodes {
+		if a := n.GetNode().GetNbdAddress(); a != "" {
+			uris = append(uris, fmt.Sprintf("nbd://%s/%s", a, name))
+		}
+		if s := n.GetNode().GetNbdSocket(); s != "" {
+			uris = append(uris, fmt.Sprintf("nbd+unix:///%s?socket=%s", name, url.QueryEscape(s)))
+		}
+	}
+	return uris, nil
+}
+
+// CreatePool adds a pool to the cluster map.
+func (v *VolumeServer) CreatePool(ctx context.Context, r *basaltv1.CreatePoolRequest) (*basaltv1.Pool, error) {
+	if err := schema.ValidateName("pool", r.GetName()); err != nil {
+		return nil, invalid("%v", err)
+	}
+	if n := r.GetReplicas(); n < 1 || n > clustermap.MaxReplicas {
+		return nil, invalid("replicas %d: want 1 to %d", n, clustermap.MaxReplicas)
+	}
+	pgs := r.GetPgCount()
+	if pgs == 0 {
+		pgs = clustermap.DefaultPGs
+	}
+	if pgs > MaxPGs {
+		return nil, invalid("pg count %d: want 1 to %d", pgs, MaxPGs)
+	}
+	var created *basaltv1.Pool
+	_, err := clustermap.Update(ctx, v.Store, func(m *basaltv1.ClusterMap) error {
+		if placement.Pool(m, r.GetName()) != nil {
+			return status.Errorf(codes.AlreadyExists, "pool %q already exists", r.GetName())
+		}
+		created = &basaltv1.Pool{Name: r.GetName(), Id: m.GetNextPoolId(), Replicas: r.GetReplicas(), PgCount: pgs}
+		m.NextPoolId++
+		m.Pools = append(m.Pools, created)
+		return nil
+	})
+	if err != nil {
+		if _, ok := status.FromError(err); ok {
+			return nil, err
+		}
+		return nil, toStatus(err)
+	}
+	return created, nil
+}
+
+// ListPools lists the pools of the cluster map.
+func (v *VolumeServer) ListPools(ctx context.Context, _ *basaltv1.ListPoolsRequest) (*basaltv1.ListPoolsResponse, error) {
+	m, err := clustermap.Get(ctx, v.Store)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &basaltv1.ListPoolsResponse{Pools: m.GetPools()}, nil
+}
+
+// DeletePool removes an empty pool.
+func (v *VolumeServer) DeletePool(ctx context.Context, r *basaltv1.DeletePoolRequest) (*basaltv1.DeletePoolResponse, error) {
+	if r.GetName() == clustermap.DefaultPool {
+		return nil, status.Errorf(codes.FailedPrecondition, "the %q pool cannot be deleted", clustermap.DefaultPool)
+	}
+	vols, _, err := store.List[basaltv1.Volume](ctx, v.Store, schema.VolumesPrefix)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	var users []string
+	for _, vol := range vols {
+		if vol.Value.GetPool() == r.GetName() {
+			users = append(users, vol.Value.GetName())
+		}
+	}
+	if len(users) > 0 {
+		return nil, status.Errorf(codes.FailedPrecondition, "pool %q still holds volumes %v; delete them first", r.GetName(), users)
+	}
+	_, err = clustermap.Update(ctx, v.Store, func(m *basaltv1.ClusterMap) error {
+		if placement.Pool(m, r.GetName()) == nil {
+			return status.Errorf(codes.NotFound, "pool %q does not exist", r.GetName())
+		}
+		m.Pools = slices.DeleteFunc(m.Pools, func(p *basaltv1.Pool) bool { return p.GetName() == r.GetName() })
+		return nil
+	})
+	if err != nil {
+		if _, ok := status.FromError(err); ok {
+			return nil, err
+		}
+		return nil, toStatus(err)
+	}
+	return &basaltv1.DeletePoolResponse{}, nil
+}

@@ -1,0 +1,330 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+)
+
+func (a *app) volumeCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "volume",
+		Aliases: []string{"vol"},
+		Short:   "Create, inspect, resize and delete block volumes",
+		Long: `A volume is a thin, replicated block device. Creating one stores only its record, whatever its size; space
+is used as data is written. Every blockd exports every volume over NBD (the export name is the volume name);
+'basalt volume inspect' prints the URIs.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
+	}
+	cmd.AddCommand(a.volumeCreateCmd(), a.volumeListCmd(), a.volumeInspectCmd(), a.volumeResizeCmd(), a.volumeDeleteCmd())
+	return cmd
+}
+
+func (a *app) volumes(ctx context.Context, fn func(context.Context, basaltv1.VolumeServiceClient) error) error {
+	return a.call(ctx, func(ctx context.Context, c *grpc.ClientConn) error {
+		return fn(ctx, basaltv1.NewVolumeServiceClient(c))
+	})
+}
+
+func (a *app) volumeCreateCmd() *cobra.Command {
+	var size, pool string
+	var sector uint32
+	var shared bool
+	cmd := &cobra.Command{
+		Use:     "create NAME --size SIZE",
+		Short:   "Create a thin volume",
+		Example: "  basalt volume create disk0 --size 20G\n  basalt volume create quorum --size 1G --shared --pool two-copies",
+		Args:    exactArgs(1, "one volume name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			n, err := parseSize(size)
+			if err != nil {
+				return usageError{fmt.Errorf("--size: %w", err)}
+			}
+			var v *basaltv1.Volume
+			err = a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) (err error) {
+				v, err = c.CreateVolume(ctx, &basaltv1.CreateVolumeRequest{Name: args[0], SizeBytes: n, SectorSize: sector, Shared: shared, Pool: pool})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.out, "volume %s created: %s, %d replicas (pool %s), %d-byte sectors\n", v.GetName(), sizeString(v.GetSizeBytes()), v.GetReplicas(), v.GetPool(), v.GetSectorSize())
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&size, "size", "", "size, in bytes or with a unit: 512M, 20G, 1T, 1P (binary units)")
+	cmd.Flags().StringVar(&pool, "pool", "", "pool to create the volume in (default \"default\": 3 copies)")
+	cmd.Flags().Uint32Var(&sector, "sector-size", 512, "logical sector size: 512 or 4096")
+	cmd.Flags().BoolVar(&shared, "shared", false, "allow several attachments at once (guest clusters)")
+	cmd.MarkFlagRequired("size")
+	return cmd
+}
+
+func (a *app) volumeListCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "list",
+		Short: "List volumes",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var resp *basaltv1.ListVolumesResponse
+			err := a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) (err error) {
+				resp, err = c.ListVolumes(ctx, &basaltv1.ListVolumesRequest{})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			return a.print(resp, func(w *tabwriter.Writer) {
+				fmt.Fprintln(w, "NAME\tSIZE\tPOOL\tREPLICAS\tSECTOR\tSHARED\tAGE")
+				for _, v := range resp.GetVolumes() {
+					fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%v\t%s\n", v.GetName(), sizeString(v.GetSizeBytes()), v.GetPool(),
+						v.GetReplicas(), v.GetSectorSize(), v.GetShared(), age(time.Since(v.GetCreatedAt().AsTime())))
+				}
+			})
+		},
+	}
+}
+
+func (a *app) volumeInspectCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:               "inspect NAME",
+		Short:             "Show a volume: size, replicas and their health, and the NBD URIs to attach it with",
+		Args:              exactArgs(1, "one volume name"),
+		ValidArgsFunction: a.completeVolumes,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var st *basaltv1.VolumeStatus
+			err := a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) (err error) {
+				st, err = c.GetVolumeStatus(ctx, &basaltv1.GetVolumeRequest{Name: args[0]})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			return a.print(st, func(w *tabwriter.Writer) {
+				v := st.GetVolume()
+				fmt.Fprintf(w, "Name:\t%s (id %d)\n", v.GetName(), v.GetId())
+				fmt.Fprintf(w, "Size:\t%s (%d bytes), %d-byte sectors\n", sizeString(v.GetSizeBytes()), v.GetSizeBytes(), v.GetSectorSize())
+				fmt.Fprintf(w, "Pool:\t%s, %d replicas\n", v.GetPool(), v.GetReplicas())
+				fmt.Fprintf(w, "Shared:\t%v\n", v.GetShared())
+				fmt.Fprintf(w, "Created:\t%s\n", v.GetCreatedAt().AsTime().Local().Format(time.RFC3339))
+				health := "healthy"
+				switch {
+				case st.GetPgsUnavailable() > 0:
+					health = "UNAVAILABLE"
+				case st.GetPgsDegraded() > 0:
+					health = "degraded"
+				}
+				fmt.Fprintf(w, "Health:\t%s: %d placement groups, %d healthy, %d degraded, %d unavailable (map epoch %d)\n", health,
+					st.GetPgsTotal(), st.GetPgsHealthy(), st.GetPgsDegraded(), st.GetPgsUnavailable(), st.GetEpoch())
+				fmt.Fprintln(w, "Replicas:")
+				fmt.Fprintln(w, "  NODE\tDOMAIN\tSTATE\tPGS\tPRIMARY")
+				for _, n := range st.GetNodes() {
+					state := "up"
+					switch {
+					case !n.GetIn():
+						state = "out"
+					case !n.GetUp():
+						state = "down"
+					}
+					fmt.Fprintf(w, "  %s\t%s\t%s\t%d\t%d\n", n.GetId(), n.GetFailureDomain(), state, n.GetPgs(), n.GetPrimaryPgs())
+				}
+				if len(st.GetNodes()) == 0 {
+					fmt.Fprintln(w, "  (no storage node is in the cluster map yet)")
+				}
+				fmt.Fprintln(w, "Attach with:")
+				for _, u := range st.GetNbdUris() {
+					fmt.Fprintf(w, "  %s\n", u)
+				}
+				if len(st.GetNbdUris()) == 0 {
+					fmt.Fprintln(w, "  (no blockd serving NBD is up)")
+				}
+			})
+		},
+	}
+}
+
+func (a *app) volumeResizeCmd() *cobra.Command {
+	var size string
+	var force bool
+	cmd := &cobra.Command{
+		Use:               "resize NAME --size SIZE",
+		Short:             "Grow or shrink a volume online",
+		Long:              "resize changes a volume's size while it stays attached. Shrinking discards data past the new end and needs --force.",
+		Args:              exactArgs(1, "one volume name"),
+		ValidArgsFunction: a.completeVolumes,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			n, err := parseSize(size)
+			if err != nil {
+				return usageError{fmt.Errorf("--size: %w", err)}
+			}
+			var v *basaltv1.Volume
+			err = a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) (err error) {
+				v, err = c.ResizeVolume(ctx, &basaltv1.ResizeVolumeRequest{Name: args[0], SizeBytes: n, Force: force})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.out, "volume %s is now %s\n", v.GetName(), sizeString(v.GetSizeBytes()))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&size, "size", "", "new size, in bytes or with a unit: 512M, 20G, 1T")
+	cmd.Flags().BoolVar(&force, "force", false, "allow shrinking, which discards data past the new end")
+	cmd.MarkFlagRequired("size")
+	return cmd
+}
+
+func (a *app) volumeDeleteCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:               "delete NAME",
+		Short:             "Delete a volume and its data",
+		Args:              exactArgs(1, "one volume name"),
+		ValidArgsFunction: a.completeVolumes,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			err := a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) error {
+				_, err := c.DeleteVolume(ctx, &basaltv1.DeleteVolumeRequest{Name: args[0]})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.out, "volume %s deleted\n", args[0])
+			return nil
+		},
+	}
+}
+
+func (a *app) completeVolumes(cmd *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {
+	if len(args) > 0 {
+		return nil, cobra.ShellCompDirectiveNoFileComp
+	}
+	var names []string
+	a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) error {
+		resp, err := c.ListVolumes(ctx, &basaltv1.ListVolumesRequest{})
+		for _, v := range resp.GetVolumes() {
+			names = append(names, v.GetName())
+		}
+		return err
+	})
+	return names, cobra.ShellCompDirectiveNoFileComp
+}
+
+func (a *app) poolCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "pool",
+		Short: "Create, list and delete pools (replication policies)",
+		Long: `A pool says how many copies of every block to keep (1 to 5, each in a different failure domain) and over
+how many placement groups to spread them. Every cluster has the pool "default" with 3 copies.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
+	}
+	var replicas, pgs uint32
+	create := &cobra.Command{
+		Use:     "create NAME --replicas N",
+		Short:   "Create a pool",
+		Example: "  basalt pool create two-copies --replicas 2",
+		Args:    exactArgs(1, "one pool name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var p *basaltv1.Pool
+			err := a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) (err error) {
+				p, err = c.CreatePool(ctx, &basaltv1.CreatePoolRequest{Name: args[0], Replicas: replicas, PgCount: pgs})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.out, "pool %s created: %d replicas, %d placement groups\n", p.GetName(), p.GetReplicas(), p.GetPgCount())
+			return nil
+		},
+	}
+	create.Flags().Uint32Var(&replicas, "replicas", 3, "copies of every block (1 to 5)")
+	create.Flags().Uint32Var(&pgs, "pgs", 0, "placement groups (default 64)")
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List pools",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var resp *basaltv1.ListPoolsResponse
+			err := a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) (err error) {
+				resp, err = c.ListPools(ctx, &basaltv1.ListPoolsRequest{})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			return a.print(resp, func(w *tabwriter.Writer) {
+				fmt.Fprintln(w, "NAME\tID\tREPLICAS\tPGS")
+				for _, p := range resp.GetPools() {
+					fmt.Fprintf(w, "%s\t%d\t%d\t%d\n", p.GetName(), p.GetId(), p.GetReplicas(), p.GetPgCount())
+				}
+			})
+		},
+	}
+	del := &cobra.Command{
+		Use:   "delete NAME",
+		Short: "Delete a pool that holds no volumes",
+		Args:  exactArgs(1, "one pool name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			err := a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) error {
+				_, err := c.DeletePool(ctx, &basaltv1.DeletePoolRequest{Name: args[0]})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.out, "pool %s deleted\n", args[0])
+			return nil
+		},
+	}
+	cmd.AddCommand(create, list, del)
+	return cmd
+}
+
+// parseSize reads a byte count with an optional binary unit: 4096, 512K, 20G, 1.5T, 1PiB.
+func parseSize(s string) (uint64, error) {
+	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "B"), "I")
+	if t == "" {
+		return 0, fmt.Errorf("%q is not a size", s)
+	}
+	mult := uint64(1)
+	if i := strings.IndexAny(t, "KMGTPE"); i >= 0 {
+		if i != len(t)-1 {
+			return 0, fmt.Errorf("%q is not a size (want a number and one unit: K, M, G, T, P, E)", s)
+		}
+		mult = 1 << (10 * (strings.IndexByte("KMGTPE", t[i]) + 1))
+		t = t[:i]
+	}
+	f, err := strconv.ParseFloat(t, 64)
+	if err != nil || f <= 0 {
+		return 0, fmt.Errorf("%q is not a positive size", s)
+	}
+	v := f * float64(mult)
+	if v >= 1<<63 {
+		return 0, fmt.Errorf("%q is too large", s)
+	}
+	if v != float64(uint64(v)) {
+		return 0, fmt.Errorf("%q is not a whole number of bytes", s)
+	}
+	return uint64(v), nil
+}
+
+// sizeString formats a byte count with the largest binary unit that divides it evenly.
+func sizeString(n uint64) string {
+	units := "KMGTPE"
+	for i := len(units); i > 0; i-- {
+		if m := uint64(1) << (10 * i); n >= m && n%m == 0 {
+			return fmt.Sprintf("%d%ciB", n/m, units[i-1])
+		}
+	}
+	return fmt.Sprintf("%d B", n)
+}
