@@ -12,6 +12,8 @@ import (
 	"syscall"
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
+
+	"google.golang.org/grpc"
 )
 
 // ParseFlags parses args on fs the way every Basalt daemon does: -h prints usage to stdout; a bad flag is one
@@ -49,12 +51,29 @@ func SignalContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 }
 
-// Main is the whole main function of a daemon that is a node plus the services wire registers (nil for none).
-func Main(kind basaltv1.NodeKind, defaultListen string, args []string, wire func(context.Context, *Node) error) int {
-	name := kind.Name()
+// Daemon describes a daemon whose main is a node plus its own services.
+type Daemon struct {
+	Kind          basaltv1.NodeKind
+	DefaultListen string
+	// Flags registers the daemon's own flags; nil for none.
+	Flags func(fs *flag.FlagSet)
+	// ServerOptions are extra gRPC server options for the node's server.
+	ServerOptions []grpc.ServerOption
+	// Wire registers the daemon's services on the started node (before it registers in the cluster) and
+	// returns what to release after the node stopped serving; nil for none.
+	Wire func(ctx context.Context, n *Node) (cleanup func(), err error)
+}
+
+// Main is the whole main function of the daemon: flags, logging, start, serve until SIGINT/SIGTERM, one error
+// line and a non-zero exit on failure.
+func (d Daemon) Main(args []string) int {
+	name := d.Kind.Name()
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	c := Config{Kind: kind}
-	c.Flags(fs, defaultListen)
+	c := Config{Kind: d.Kind, ServerOptions: d.ServerOptions}
+	c.Flags(fs, d.DefaultListen)
+	if d.Flags != nil {
+		d.Flags(fs)
+	}
 	logger := LogLevelFlag(fs)
 	if code, ok := ParseFlags(fs, args); !ok {
 		return code
@@ -67,14 +86,24 @@ func Main(kind basaltv1.NodeKind, defaultListen string, args []string, wire func
 		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
 		return 1
 	}
-	if wire != nil {
-		if err := wire(ctx, n); err != nil {
+	cleanup := func() {}
+	if d.Wire != nil {
+		wctx, cancelWire := context.WithCancel(ctx)
+		defer cancelWire()
+		cl, err := d.Wire(wctx, n)
+		if err != nil {
+			cancelWire()
 			n.release()
 			fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
 			return 1
 		}
+		if cl != nil {
+			cleanup = func() { cancelWire(); cl() }
+		}
 	}
-	if err := n.Serve(ctx); err != nil {
+	err = n.Serve(ctx)
+	cleanup()
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
 		return 1
 	}

@@ -44,8 +44,11 @@ type Config struct {
 	// Dir, if set, is the node's already opened data directory (metad opens it before starting the embedded
 	// etcd inside it); the node takes ownership. Otherwise Start opens DataDir.
 	Dir *datadir.Dir
-	// ServerOptions are extra options for the node's gRPC server (interceptors).
+	// ServerOptions are extra options for the node's gRPC server (interceptors, message sizes).
 	ServerOptions []grpc.ServerOption
+	// NBDAddress and NBDSocket are published in the node's registration (blockd sets them once it listens).
+	NBDAddress string
+	NBDSocket  string
 	// InitCluster makes this node create the cluster's identity if etcd has none (metad does; others wait
 	// for metad).
 	InitCluster bool
@@ -185,6 +188,8 @@ func (n *Node) Serve(ctx context.Context) error {
 		GrpcAddress:   n.Addr(),
 		FailureDomain: n.Config.FailureDomain,
 		Hostname:      host,
+		NbdAddress:    n.Config.NBDAddress,
+		NbdSocket:     n.Config.NBDSocket,
 	}, buildinfo.Version(), n.Config.LeaseTTL, n.Log)
 	if err != nil {
 		return err

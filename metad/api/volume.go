@@ -4,9 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
 
@@ -265,7 +265,9 @@ func (v *VolumeServer) nbdURIs(ctx context.Context, name string) ([]string, erro
 			uris = append(uris, fmt.Sprintf("nbd://%s/%s", a, name))
 		}
 		if s := n.GetNode().GetNbdSocket(); s != "" {
-			uris = append(uris, fmt.Sprintf("nbd+unix:///%s?socket=%s", name, url.QueryEscape(s)))
+			// The path is given as is (clients accept it, and it is easier to copy); only characters that
+			// would end the query are escaped.
+			uris = append(uris, fmt.Sprintf("nbd+unix:///%s?socket=%s", name, strings.NewReplacer("%", "%25", "&", "%26", "#", "%23", " ", "%20").Replace(s)))
 		}
 	}
 	return uris, nil

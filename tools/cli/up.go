@@ -27,7 +27,7 @@ another terminal talks to this cluster. The data is kept: running 'basalt up' ag
 brings the same cluster back.
 
 Ports: the metad API listens on --base-port, its etcd on the next two; node number i (blockd first, then
-computed, then netd) uses --base-port + 10*i. A crashed daemon is restarted after --restart-delay (doubling
+computed, then netd) uses --base-port + 10*i for gRPC and, for blockd, the next port for NBD. A crashed daemon is restarted after --restart-delay (doubling
 while it keeps crashing), long enough that the rest of the cluster sees the failure as a real one. Ctrl-C
 stops the nodes, then metad; daemon logs are in <data-dir>/logs, running PIDs in <data-dir>/up.json.`,
 		Example: `  basalt up

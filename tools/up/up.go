@@ -82,7 +82,7 @@ type State struct {
 
 // Plan lays out the cluster's processes and ports: metad's API on BasePort and its etcd on BasePort+1 (client)
 // and BasePort+2 (peer); node i (blockd first, then computed, then netd) gets the ten ports from
-// BasePort+10*(i+1), of which it uses the first today.
+// BasePort+10*(i+1): its gRPC server on the first, a blockd's NBD server on the second.
 func Plan(o Options) (*State, error) {
 	if o.Blockd < 1 || o.Blockd > MaxBlockd {
 		return nil, fmt.Errorf("--blockd %d is out of range (1 to %d)", o.Blockd, MaxBlockd)
@@ -118,6 +118,10 @@ func Plan(o Options) (*State, error) {
 	nodes = append(nodes, struct{ id, kind string }{"computed-1", "computed"}, struct{ id, kind string }{"netd-1", "netd"})
 	for i, n := range nodes {
 		port := o.BasePort + 10*(i+1)
+		if n.kind == "blockd" {
+			add(n.id, n.kind, port, []int{port, port + 1}, "--etcd-endpoints", etcdURL, "--nbd-listen", hp(port+1))
+			continue
+		}
 		add(n.id, n.kind, port, []int{port}, "--etcd-endpoints", etcdURL)
 	}
 	return s, nil
@@ -499,5 +503,5 @@ func (c *cluster) banner() {
 	if c.opts.ConfigPath != "" {
 		fmt.Fprintf(w, "  client config: %s\n", c.opts.ConfigPath)
 	}
-	fmt.Fprintf(w, "\nIn another terminal:\n  basalt node list\n  basalt cluster status\n\nPress Ctrl-C to stop the cluster.\n\n")
+	fmt.Fprintf(w, "\nIn another terminal:\n  basalt node list\n  basalt volume create disk0 --size 10G\n  basalt volume inspect disk0      # NBD URIs to attach it with\n\nPress Ctrl-C to stop the cluster.\n\n")
 }

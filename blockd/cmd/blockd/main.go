@@ -1,14 +1,15 @@
-// Command blockd is a Basalt storage node. In this build it joins the cluster (registration on an etcd lease, heartbeat) and serves gRPC health; the block layer (storage engine, replication, NBD export) plugs into the node it starts.
+// Command blockd is a Basalt storage node: it stores replicas of volume objects in its local storage engine,
+// replicates the writes of the placement groups it is primary of, and exports every volume over NBD (TCP and a
+// Unix socket), forwarding each request to the primary of the data it touches. See docs/replication.md.
 package main
 
 import (
 	"os"
 
-	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
-
-	"github.com/basalt-hv/basalt/internal/node"
+	"github.com/basalt-hv/basalt/blockd/daemon"
 )
 
 func main() {
-	os.Exit(node.Main(basaltv1.NodeKind_NODE_KIND_BLOCKD, "127.0.0.1:7410", os.Args[1:], nil))
+	var c daemon.Config
+	os.Exit(daemon.Daemon(&c).Main(os.Args[1:]))
 }

@@ -10,5 +10,5 @@ import (
 )
 
 func main() {
-	os.Exit(node.Main(basaltv1.NodeKind_NODE_KIND_NETD, "127.0.0.1:7440", os.Args[1:], nil))
+	os.Exit(node.Daemon{Kind: basaltv1.NodeKind_NODE_KIND_NETD, DefaultListen: "127.0.0.1:7440"}.Main(os.Args[1:]))
 }

@@ -1,0 +1,375 @@
+// Package osd is a blockd's object service: it serves BlockService (proto/basalt/v1/blockd.proto) over the
+// node's local storage engine. As the primary of a placement group it orders client writes (one version per
+// write, objects locked while a write is replicated), replicates them to every member of the acting set and
+// answers only when all have them; it peers before serving a PG at a new epoch (pulling any newer object a
+// member holds) and pushes members that are behind up to date. As a member it applies what its primary
+// ordered, and refuses anything routed with a stale epoch or by a node that is not the primary. The rules and
+// their reasons are in docs/replication.md. It depends on blockd/engine, blockd/view, internal/placement and
+// the API types.
+package osd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
+
+	"github.com/basalt-hv/basalt/blockd/engine"
+	"github.com/basalt-hv/basalt/blockd/view"
+	"github.com/basalt-hv/basalt/internal/placement"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// ReplicaTimeout bounds how long the primary waits for one member to apply one write before it gives the
+// write up for this epoch (the gateway retries it once the map has changed, or at once if it has not).
+const ReplicaTimeout = 5 * time.Second
+
+// EpochWait bounds how long a node waits for its own map to reach the epoch a request was routed with.
+const EpochWait = 2 * time.Second
+
+// The engine's objects are placement's objects: this fails to compile if the two sizes ever differ.
+const _ = uint(engine.ObjectSize-placement.ObjectSize) + uint(placement.ObjectSize-engine.ObjectSize)
+
+// stripes is the number of object locks; objects hash onto them. Collisions only serialize unrelated objects.
+const stripes = 4096
+
+// OSD serves one node's objects.
+type OSD struct {
+	basaltv1.UnimplementedBlockServiceServer
+
+	id    string
+	eng   *engine.Engine
+	view  *view.View
+	peers *Peers
+	log   *slog.Logger
+	seed  maphash.Seed
+
+	locks [stripes]sync.Mutex
+
+	pgMu sync.Mutex
+	pgs  map[placement.PG]*pgState
+
+	// recovery rate limit, bytes per second, shared by all background pushes of this node.
+	limiter *rateLimiter
+}
+
+// pgState is this node's knowledge of a PG it is primary of, at one epoch.
+type pgState struct {
+	epoch uint64
+	ready chan struct{} // closed when peering is done
+	err   error
+
+	mu sync.Mutex
+	// behind lists, per member, the objects whose copy on that member is older than the primary's: they are
+	// pushed before any new write to them is replicated there, and in the background.
+	behind map[string]map[engine.ObjectID]bool
+}
+
+// New returns the object service of node id.
+func New(id string, eng *engine.Engine, v *view.View, peers *Peers, recoveryBytesPerSec int64, log *slog.Logger) *OSD {
+	return &OSD{
+		id: id, eng: eng, view: v, peers: peers, log: log,
+		seed:    maphash.MakeSeed(),
+		pgs:     map[placement.PG]*pgState{},
+		limiter: newRateLimiter(recoveryBytesPerSec),
+	}
+}
+
+// ID is the node ID of this OSD.
+func (o *OSD) ID() string { return o.id }
+
+func (o *OSD) lock(id engine.ObjectID) *sync.Mutex {
+	var h maphash.Hash
+	h.SetSeed(o.seed)
+	var b [16]byte
+	for i := range 8 {
+		b[i] = byte(id.Volume >> (8 * i))
+		b[8+i] = byte(id.Index >> (8 * i))
+	}
+	h.Write(b[:])
+	return &o.locks[h.Sum64()%stripes]
+}
+
+// Route is where one object's operations go at one epoch.
+type Route struct {
+	Map    *basaltv1.ClusterMap
+	Volume *basaltv1.Volume
+	Pool   *basaltv1.Pool
+	PG     placement.PG
+	Acting []*basaltv1.StorageNode
+}
+
+// Primary is the acting set's first node, or nil if the PG has no member up.
+func (r Route) Primary() *basaltv1.StorageNode {
+	if len(r.Acting) == 0 {
+		return nil
+	}
+	return r.Acting[0]
+}
+
+// RouteObject computes where object idx of volume vol goes in map m.
+func RouteObject(m *basaltv1.ClusterMap, vol *basaltv1.Volume, idx uint64) (Route, error) {
+	pool := placement.Pool(m, vol.GetPool())
+	if pool == nil {
+		return Route{}, status.Errorf(codes.FailedPrecondition, "volume %s: pool %q is not in cluster map epoch %d", vol.GetName(), vol.GetPool(), m.GetEpoch())
+	}
+	pg := placement.ObjectPG(pool, vol.GetId(), idx)
+	return Route{Map: m, Volume: vol, Pool: pool, PG: pg, Acting: placement.ActingSet(m, pool, pg)}, nil
+}
+
+// Errors between nodes travel as gRPC codes; see docs/replication.md.
+func errStale(have, got uint64) error {
+	return status.Errorf(codes.Aborted, "stale epoch: request routed at epoch %d, this node has %d", got, have)
+}
+
+func errWrongNode(format string, args ...any) error {
+	return status.Errorf(codes.FailedPrecondition, "wrong node: "+format, args...)
+}
+
+// checkEpoch returns this node's map if the request's epoch is current, waiting briefly if the request is
+// ahead of this node's map.
+func (o *OSD) checkEpoch(ctx context.Context, e uint64) (*basaltv1.ClusterMap, error) {
+	m := o.view.Map()
+	switch {
+	case e < m.GetEpoch():
+		return nil, errStale(m.GetEpoch(), e)
+	case e > m.GetEpoch():
+		wctx, cancel := context.WithTimeout(ctx, EpochWait)
+		defer cancel()
+		nm, err := o.view.WaitEpoch(wctx, e)
+		if err != nil {
+			return nil, status.Errorf(codes.Unavailable, "this node's cluster map is behind: %v", err)
+		}
+		if nm.GetEpoch() != e {
+			return nil, errStale(nm.GetEpoch(), e)
+		}
+		return nm, nil
+	}
+	return m, nil
+}
+
+func (o *OSD) route(m *basaltv1.ClusterMap, ref *basaltv1.ObjectRef) (Route, engine.ObjectID, error) {
+	id := engine.ObjectID{Volume: ref.GetVolume(), Index: ref.GetIndex()}
+	vol := o.view.VolumeByID(ref.GetVolume())
+	if vol == nil {
+		return Route{}, id, status.Errorf(codes.NotFound, "volume %d does not exist (deleted?)", ref.GetVolume())
+	}
+	r, err := RouteObject(m, vol, ref.GetIndex())
+	return r, id, err
+}
+
+func objectRange(off, length int64) error {
+	if off < 0 || length < 0 || off+length > engine.ObjectSize {
+		return status.Errorf(codes.InvalidArgument, "range %d+%d is outside a %d-byte object", off, length, engine.ObjectSize)
+	}
+	return nil
+}
+
+// engineStatus maps the engine's errors onto gRPC codes the gateway understands.
+func engineStatus(what string, err error) error {
+	if err == nil {
+		return nil
+	}
+	code := codes.Internal
+	switch {
+	case errors.Is(err, engine.ErrNoSpace):
+		code = codes.ResourceExhausted
+	case errors.Is(err, engine.ErrInvalid):
+		code = codes.InvalidArgument
+	case errors.Is(err, engine.ErrCorrupt):
+		code = codes.DataLoss
+	case errors.Is(err, engine.ErrClosed), errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		code = codes.Unavailable
+	}
+	return status.Errorf(code, "%s: %v", what, err)
+}
+
+// ClientOp runs a client operation at the primary.
+func (o *OSD) ClientOp(ctx context.Context, req *basaltv1.ClientOpRequest) (*basaltv1.ClientOpResponse, error) {
+	m, err := o.checkEpoch(ctx, req.GetEpoch())
+	if err != nil {
+		return nil, err
+	}
+	r, id, err := o.route(m, req.GetObject())
+	if err != nil {
+		return nil, err
+	}
+	if p := r.Primary(); p == nil || p.GetId() != o.id {
+		return nil, errWrongNode("%s is not the primary of PG %d.%d at epoch %d", o.id, r.PG.Pool, r.PG.Num, m.GetEpoch())
+	}
+	if err := objectRange(req.GetOffset(), req.GetLength()); err != nil {
+		return nil, err
+	}
+	st, err := o.peered(ctx, r)
+	if err != nil {
+		return nil, err
+	}
+	switch req.GetOp() {
+	case basaltv1.BlockOp_BLOCK_OP_READ:
+		buf := make([]byte, req.GetLength())
+		if err := o.eng.Read(ctx, id, req.GetOffset(), buf); err != nil {
+			return nil, engineStatus(fmt.Sprintf("read object %d.%d", id.Volume, id.Index), err)
+		}
+		return &basaltv1.ClientOpResponse{Data: buf}, nil
+	case basaltv1.BlockOp_BLOCK_OP_EXTENTS:
+		ext, err := o.eng.Extents(ctx, id, req.GetOffset(), req.GetLength())
+		if err != nil {
+			return nil, engineStatus("extents", err)
+		}
+		resp := &basaltv1.ClientOpResponse{}
+		for _, e := range ext {
+			resp.Extents = append(resp.Extents, &basaltv1.Extent{Offset: e.Offset, Length: e.Length, Hole: e.Hole})
+		}
+		return resp, nil
+	case basaltv1.BlockOp_BLOCK_OP_WRITE, basaltv1.BlockOp_BLOCK_OP_TRIM:
+		if req.GetOp() == basaltv1.BlockOp_BLOCK_OP_WRITE && int64(len(req.GetData())) != req.GetLength() {
+			return nil, status.Errorf(codes.InvalidArgument, "write of %d bytes carries %d", req.GetLength(), len(req.GetData()))
+		}
+		v, err := o.primaryWrite(ctx, r, st, id, req)
+		if err != nil {
+			return nil, err
+		}
+		return &basaltv1.ClientOpResponse{Version: v}, nil
+	}
+	return nil, status.Errorf(codes.InvalidArgument, "unknown operation %v", req.GetOp())
+}
+
+// nextVersion orders a write after everything the object has seen, and after every version an earlier
+// primary could have handed out: the epoch in the high bits makes versions of different epochs distinct.
+func nextVersion(cur, epoch uint64) uint64 { return max(cur, epoch<<32) + 1 }
+
+// primaryWrite applies a write locally and on every other member of the acting set, under the object's lock.
+func (o *OSD) primaryWrite(ctx context.Context, r Route, st *pgState, id engine.ObjectID, req *basaltv1.ClientOpRequest) (uint64, error) {
+	mu := o.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	v := nextVersion(o.eng.ObjectVersion(id), r.Map.GetEpoch())
+	if err := o.apply(ctx, id, req.GetOp(), req.GetOffset(), req.GetLength(), req.GetData(), v, req.GetSync()); err != nil {
+		return 0, err
+	}
+	rep := &basaltv1.ReplicateRequest{
+		Epoch: r.Map.GetEpoch(), Object: req.GetObject(), Op: req.GetOp(), Offset: req.GetOffset(), Length: req.GetLength(),
+		Data: req.GetData(), Version: v, Sync: req.GetSync(), Primary: o.id,
+	}
+	errs := make(chan error, len(r.Acting))
+	for _, member := range r.Acting[1:] {
+		go func() {
+			cctx, cancel := context.WithTimeout(ctx, ReplicaTimeout)
+			defer cancel()
+			// A member that is behind on this object gets the whole object first: a partial write on top of
+			// an old copy would leave it newer in version but wrong in content.
+			if st.isBehind(member.GetId(), id) {
+				if err := o.push(cctx, r.Map.GetEpoch(), member, id); err != nil {
+					errs <- fmt.Errorf("recover object on %s before writing: %w", member.GetId(), err)
+					return
+				}
+				st.done(member.GetId(), id)
+			}
+			c, err := o.peers.Client(member)
+			if err == nil {
+				_, err = c.Replicate(cctx, rep)
+			}
+			if err != nil {
+				err = fmt.Errorf("replicate to %s: %w", member.GetId(), err)
+			}
+			errs <- err
+		}()
+	}
+	var failed []string
+	for range r.Acting[1:] {
+		if err := <-errs; err != nil {
+			failed = append(failed, err.Error())
+		}
+	}
+	if len(failed) > 0 {
+		// Not acknowledged: the write is retried by the gateway, in a new epoch if a member is gone for good.
+		return 0, status.Errorf(codes.Unavailable, "write not on every member of the acting set at epoch %d: %s", r.Map.GetEpoch(), strings.Join(failed, "; "))
+	}
+	return v, nil
+}
+
+// apply runs a versioned write or trim on the local engine.
+func (o *OSD) apply(ctx context.Context, id engine.ObjectID, op basaltv1.BlockOp, off, length int64, data []byte, v uint64, sync bool) error {
+	opts := engine.WriteOptions{Version: v, Sync: sync}
+	var err error
+	switch op {
+	case basaltv1.BlockOp_BLOCK_OP_WRITE:
+		err = o.eng.Write(ctx, id, off, data, opts)
+	case basaltv1.BlockOp_BLOCK_OP_TRIM:
+		err = o.eng.Trim(ctx, id, off, length, opts)
+	default:
+		return status.Errorf(codes.InvalidArgument, "operation %v cannot be replicated", op)
+	}
+	return engineStatus(fmt.Sprintf("apply %v to object %d.%d at version %d", op, id.Volume, id.Index, v), err)
+}
+
+// Replicate applies, on a member, a write its primary ordered.
+func (o *OSD) Replicate(ctx context.Context, req *basaltv1.ReplicateRequest) (*basaltv1.ReplicateResponse, error) {
+	_, id, err := o.memberRequest(ctx, req.GetEpoch(), req.GetObject(), req.GetPrimary())
+	if err != nil {
+		return nil, err
+	}
+	if err := objectRange(req.GetOffset(), req.GetLength()); err != nil {
+		return nil, err
+	}
+	mu := o.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	// A version this node already holds is a retry of a write it applied.
+	if req.GetVersion() <= o.eng.ObjectVersion(id) {
+		return &basaltv1.ReplicateResponse{}, nil
+	}
+	if err := o.apply(ctx, id, req.GetOp(), req.GetOffset(), req.GetLength(), req.GetData(), req.GetVersion(), req.GetSync()); err != nil {
+		return nil, err
+	}
+	return &basaltv1.ReplicateResponse{}, nil
+}
+
+// memberRequest admits a request from a primary to this member: current epoch, the sender is the object's
+// PG's primary and this node one of its other members.
+func (o *OSD) memberRequest(ctx context.Context, epoch uint64, ref *basaltv1.ObjectRef, primary string) (Route, engine.ObjectID, error) {
+	m, err := o.checkEpoch(ctx, epoch)
+	if err != nil {
+		return Route{}, engine.ObjectID{}, err
+	}
+	r, id, err := o.route(m, ref)
+	if err != nil {
+		return Route{}, id, err
+	}
+	return r, id, o.checkMember(r, primary)
+}
+
+// checkMember refuses requests that do not come from the PG's primary to one of its other members.
+func (o *OSD) checkMember(r Route, primary string) error {
+	p := r.Primary()
+	if p == nil || p.GetId() != primary {
+		return errWrongNode("%s is not the primary of PG %d.%d at epoch %d", primary, r.PG.Pool, r.PG.Num, r.Map.GetEpoch())
+	}
+	for _, n := range r.Acting[1:] {
+		if n.GetId() == o.id {
+			return nil
+		}
+	}
+	return errWrongNode("%s is not a member of PG %d.%d at epoch %d", o.id, r.PG.Pool, r.PG.Num, r.Map.GetEpoch())
+}
+
+// Sync makes everything this node acknowledged durable.
+func (o *OSD) Sync(ctx context.Context, _ *basaltv1.SyncRequest) (*basaltv1.SyncResponse, error) {
+	if err := o.eng.Sync(ctx); err != nil {
+		return nil, engineStatus("sync", err)
+	}
+	return &basaltv1.SyncResponse{}, nil
+}
+
+// SyncLocal is Sync without the RPC, for the gateway on this node.
+func (o *OSD) SyncLocal(ctx context.Context) error {
+	_, err := o.Sync(ctx, nil)
+	return err
+}

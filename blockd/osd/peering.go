@@ -1,0 +1,468 @@
+package osd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
+
+	"github.com/basalt-hv/basalt/blockd/engine"
+	"github.com/basalt-hv/basalt/internal/placement"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// PeeringTimeout bounds one peering round; a PG that cannot peer answers Unavailable and peers again on the
+// next request.
+const PeeringTimeout = 2 * time.Minute
+
+// Run peers, in the background, every PG this node is primary of whenever the cluster map changes (and
+// retries failed rounds every few seconds), so that members that return are caught up even if no client
+// touches their PGs. It returns when ctx ends.
+func (o *OSD) Run(ctx context.Context) {
+	retry := time.NewTicker(5 * time.Second)
+	defer retry.Stop()
+	for {
+		changed := o.view.Changed()
+		m := o.view.Map()
+		for _, pool := range m.GetPools() {
+			for num := range pool.GetPgCount() {
+				pg := placement.PG{Pool: pool.GetId(), Num: num}
+				acting := placement.ActingSet(m, pool, pg)
+				if len(acting) > 0 && acting[0].GetId() == o.id {
+					o.startPeering(Route{Map: m, Pool: pool, PG: pg, Acting: acting})
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-retry.C:
+		}
+	}
+}
+
+// startPeering starts a peering round for the route's PG and epoch unless one exists, and returns its state.
+func (o *OSD) startPeering(r Route) *pgState {
+	o.pgMu.Lock()
+	defer o.pgMu.Unlock()
+	st := o.pgs[r.PG]
+	if st == nil || st.epoch < r.Map.GetEpoch() {
+		st = &pgState{epoch: r.Map.GetEpoch(), ready: make(chan struct{}), behind: map[string]map[engine.ObjectID]bool{}}
+		o.pgs[r.PG] = st
+		go o.peer(r, st)
+	}
+	return st
+}
+
+// peered returns the PG's state once this node, as primary, has peered at the route's epoch. Peering runs
+// once per PG and epoch; concurrent requests wait for the same round.
+func (o *OSD) peered(ctx context.Context, r Route) (*pgState, error) {
+	st := o.startPeering(r)
+	select {
+	case <-st.ready:
+	case <-ctx.Done():
+		return nil, status.Errorf(codes.Unavailable, "PG %d.%d still peering: %v", r.PG.Pool, r.PG.Num, ctx.Err())
+	}
+	if st.err != nil {
+		return nil, status.Errorf(codes.Unavailable, "PG %d.%d could not peer at epoch %d: %v", r.PG.Pool, r.PG.Num, st.epoch, st.err)
+	}
+	if st.epoch > r.Map.GetEpoch() {
+		return nil, errStale(st.epoch, r.Map.GetEpoch())
+	}
+	return st, nil
+}
+
+// peer makes this primary's copy of the PG at least as new as every member's, then records which members are
+// behind and starts pushing to them in the background.
+func (o *OSD) peer(r Route, st *pgState) {
+	ctx, cancel := context.WithTimeout(context.Background(), PeeringTimeout)
+	defer cancel()
+	err := o.peerOnce(ctx, r, st)
+	if err != nil {
+		o.log.Warn("peering failed", "pg", fmt.Sprintf("%d.%d", r.PG.Pool, r.PG.Num), "epoch", r.Map.GetEpoch(), "err", err)
+		o.pgMu.Lock()
+		if o.pgs[r.PG] == st {
+			delete(o.pgs, r.PG) // the next request peers again
+		}
+		o.pgMu.Unlock()
+	}
+	st.err = err
+	close(st.ready)
+	if err == nil && st.pending() > 0 {
+		go o.recover(r, st)
+	}
+}
+
+func (o *OSD) peerOnce(ctx context.Context, r Route, st *pgState) error {
+	local := o.localObjects(r.PG)
+	remote := map[string]map[engine.ObjectID]uint64{}
+	for _, member := range r.Acting[1:] {
+		c, err := o.peers.Client(member)
+		if err != nil {
+			return err
+		}
+		resp, err := c.PGObjects(ctx, &basaltv1.PGObjectsRequest{Epoch: r.Map.GetEpoch(), Pool: r.PG.Pool, Pg: r.PG.Num})
+		if err != nil {
+			return fmt.Errorf("list PG objects on %s: %w", member.GetId(), err)
+		}
+		versions := map[engine.ObjectID]uint64{}
+		for _, ov := range resp.GetObjects() {
+			id := engine.ObjectID{Volume: ov.GetObject().GetVolume(), Index: ov.GetObject().GetIndex()}
+			versions[id] = ov.GetVersion()
+			// Compare with the engine's version, not the listing: an object this node trimmed whole is not
+			// listed (it holds no data) but keeps its version, and must not be resurrected from an older copy.
+			if ov.GetVersion() > o.eng.ObjectVersion(id) {
+				if err := o.pull(ctx, r.Map.GetEpoch(), member, id, ov.GetVersion()); err != nil {
+					return err
+				}
+			}
+			local[id] = o.eng.ObjectVersion(id)
+		}
+		remote[member.GetId()] = versions
+	}
+	pending := 0
+	for _, member := range r.Acting[1:] {
+		behind := map[engine.ObjectID]bool{}
+		for id, v := range local {
+			rv, has := remote[member.GetId()][id]
+			// A member that never had an object this node trimmed whole holds the same (no) data.
+			if rv < v && (has || !o.empty(id)) {
+				behind[id] = true
+			}
+		}
+		st.behind[member.GetId()] = behind
+		pending += len(behind)
+	}
+	if pending > 0 {
+		o.log.Info("peered", "pg", fmt.Sprintf("%d.%d", r.PG.Pool, r.PG.Num), "epoch", r.Map.GetEpoch(), "objects_to_recover", pending)
+	}
+	return nil
+}
+
+// localObjects lists this node's objects of a PG with their versions, including objects trimmed whole.
+func (o *OSD) localObjects(pg placement.PG) map[engine.ObjectID]uint64 {
+	m := o.view.Map()
+	out := map[engine.ObjectID]uint64{}
+	for _, id := range o.eng.KnownObjects() {
+		vol := o.view.VolumeByID(id.Volume)
+		if vol == nil {
+			continue
+		}
+		pool := placement.Pool(m, vol.GetPool())
+		if pool == nil || pool.GetId() != pg.Pool || placement.ObjectPG(pool, id.Volume, id.Index) != pg {
+			continue
+		}
+		out[id] = o.eng.ObjectVersion(id)
+	}
+	return out
+}
+
+// PGObjects lists this node's objects of a PG. Epoch 0 skips the epoch check: a read-only listing for
+// convergence checks and operators, which changes nothing.
+func (o *OSD) PGObjects(ctx context.Context, req *basaltv1.PGObjectsRequest) (*basaltv1.PGObjectsResponse, error) {
+	if req.GetEpoch() != 0 {
+		if _, err := o.checkEpoch(ctx, req.GetEpoch()); err != nil {
+			return nil, err
+		}
+	}
+	resp := &basaltv1.PGObjectsResponse{}
+	for id, v := range o.localObjects(placement.PG{Pool: req.GetPool(), Num: req.GetPg()}) {
+		ov := &basaltv1.ObjectVersion{Object: &basaltv1.ObjectRef{Volume: id.Volume, Index: id.Index}, Version: v, Empty: o.empty(id)}
+		if req.GetChecksums() {
+			sum, err := o.eng.ObjectChecksum(ctx, id)
+			if err != nil {
+				return nil, engineStatus("checksum", err)
+			}
+			ov.Checksum = sum[:]
+		}
+		resp.Objects = append(resp.Objects, ov)
+	}
+	slices.SortFunc(resp.Objects, func(a, b *basaltv1.ObjectVersion) int {
+		switch {
+		case a.GetObject().GetVolume() != b.GetObject().GetVolume():
+			return compare(a.GetObject().GetVolume(), b.GetObject().GetVolume())
+		}
+		return compare(a.GetObject().GetIndex(), b.GetObject().GetIndex())
+	})
+	return resp, nil
+}
+
+// empty reports whether this node holds no data of an object (never written, or trimmed whole).
+func (o *OSD) empty(id engine.ObjectID) bool {
+	ext, err := o.eng.Extents(context.Background(), id, 0, engine.ObjectSize)
+	if err != nil {
+		return false
+	}
+	for _, e := range ext {
+		if !e.Hole {
+			return false
+		}
+	}
+	return true
+}
+
+func compare(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// ReadObject returns a whole object and its version, read under the object's lock so the two agree.
+func (o *OSD) ReadObject(ctx context.Context, req *basaltv1.ReadObjectRequest) (*basaltv1.ReadObjectResponse, error) {
+	if _, err := o.checkEpoch(ctx, req.GetEpoch()); err != nil {
+		return nil, err
+	}
+	id := engine.ObjectID{Volume: req.GetObject().GetVolume(), Index: req.GetObject().GetIndex()}
+	mu := o.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	return o.readObjectLocked(ctx, id)
+}
+
+func (o *OSD) readObjectLocked(ctx context.Context, id engine.ObjectID) (*basaltv1.ReadObjectResponse, error) {
+	resp := &basaltv1.ReadObjectResponse{Version: o.eng.ObjectVersion(id)}
+	ext, err := o.eng.Extents(ctx, id, 0, engine.ObjectSize)
+	if err != nil {
+		return nil, engineStatus("extents", err)
+	}
+	for _, e := range ext {
+		if e.Hole {
+			continue
+		}
+		buf := make([]byte, e.Length)
+		if err := o.eng.Read(ctx, id, e.Offset, buf); err != nil {
+			return nil, engineStatus(fmt.Sprintf("read object %d.%d", id.Volume, id.Index), err)
+		}
+		resp.Extents = append(resp.Extents, &basaltv1.Extent{Offset: e.Offset, Length: e.Length})
+		resp.Data = append(resp.Data, buf)
+	}
+	return resp, nil
+}
+
+// pull copies a newer object from a member into the local engine during peering.
+func (o *OSD) pull(ctx context.Context, epoch uint64, from *basaltv1.StorageNode, id engine.ObjectID, want uint64) error {
+	c, err := o.peers.Client(from)
+	if err != nil {
+		return err
+	}
+	resp, err := c.ReadObject(ctx, &basaltv1.ReadObjectRequest{Epoch: epoch, Object: &basaltv1.ObjectRef{Volume: id.Volume, Index: id.Index}})
+	if err != nil {
+		return fmt.Errorf("pull object %d.%d from %s: %w", id.Volume, id.Index, from.GetId(), err)
+	}
+	mu := o.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	if resp.GetVersion() <= o.eng.ObjectVersion(id) {
+		return nil
+	}
+	return o.replaceObject(ctx, id, resp.GetVersion(), resp.GetExtents(), resp.GetData())
+}
+
+// replaceObject makes the local object exactly the given content at the given version. The version is set by
+// the last operation only, so a crash part-way leaves the old version and the next peering repeats the copy.
+func (o *OSD) replaceObject(ctx context.Context, id engine.ObjectID, version uint64, extents []*basaltv1.Extent, data [][]byte) error {
+	if len(extents) != len(data) {
+		return status.Errorf(codes.InvalidArgument, "object %d.%d: %d extents but %d data blocks", id.Volume, id.Index, len(extents), len(data))
+	}
+	cur := o.eng.ObjectVersion(id)
+	last := len(extents) - 1
+	trimVersion := cur
+	if last < 0 {
+		trimVersion = version
+	}
+	if err := o.eng.Trim(ctx, id, 0, engine.ObjectSize, engine.WriteOptions{Version: trimVersion}); err != nil {
+		return engineStatus("clear object before copy", err)
+	}
+	for i, e := range extents {
+		if int64(len(data[i])) != e.GetLength() {
+			return status.Errorf(codes.InvalidArgument, "object %d.%d: extent %d is %d bytes, data %d", id.Volume, id.Index, i, e.GetLength(), len(data[i]))
+		}
+		v := cur
+		if i == last {
+			v = version
+		}
+		if err := o.eng.Write(ctx, id, e.GetOffset(), data[i], engine.WriteOptions{Version: v}); err != nil {
+			return engineStatus("copy object", err)
+		}
+	}
+	return nil
+}
+
+// PushObject replaces this member's copy of an object with the primary's if the primary's is newer.
+func (o *OSD) PushObject(ctx context.Context, req *basaltv1.PushObjectRequest) (*basaltv1.PushObjectResponse, error) {
+	_, id, err := o.memberRequest(ctx, req.GetEpoch(), req.GetObject(), req.GetPrimary())
+	if err != nil {
+		return nil, err
+	}
+	mu := o.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	if req.GetVersion() <= o.eng.ObjectVersion(id) {
+		return &basaltv1.PushObjectResponse{}, nil
+	}
+	if err := o.replaceObject(ctx, id, req.GetVersion(), req.GetExtents(), req.GetData()); err != nil {
+		return nil, err
+	}
+	return &basaltv1.PushObjectResponse{}, nil
+}
+
+// push sends the primary's copy of an object to a member. The caller holds the object's lock.
+func (o *OSD) push(ctx context.Context, epoch uint64, member *basaltv1.StorageNode, id engine.ObjectID) error {
+	obj, err := o.readObjectLocked(ctx, id)
+	if err != nil {
+		return err
+	}
+	c, err := o.peers.Client(member)
+	if err != nil {
+		return err
+	}
+	_, err = c.PushObject(ctx, &basaltv1.PushObjectRequest{
+		Epoch: epoch, Primary: o.id, Object: &basaltv1.ObjectRef{Volume: id.Volume, Index: id.Index},
+		Version: obj.GetVersion(), Extents: obj.GetExtents(), Data: obj.GetData(),
+	})
+	if err != nil {
+		return fmt.Errorf("push object %d.%d to %s: %w", id.Volume, id.Index, member.GetId(), err)
+	}
+	return nil
+}
+
+// recover pushes every object a member is behind on, throttled, until done or the PG's epoch is superseded.
+func (o *OSD) recover(r Route, st *pgState) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		// Stop when this PG state is replaced by a newer epoch's.
+		for {
+			o.pgMu.Lock()
+			cur := o.pgs[r.PG]
+			o.pgMu.Unlock()
+			if cur != st {
+				cancel()
+				return
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-o.view.Changed():
+			}
+		}
+	}()
+	start := time.Now()
+	pushed := 0
+	for _, member := range r.Acting[1:] {
+		for _, id := range st.list(member.GetId()) {
+			mu := o.lock(id)
+			mu.Lock()
+			var err error
+			if st.isBehind(member.GetId(), id) {
+				err = o.push(ctx, st.epoch, member, id)
+				if err == nil {
+					st.done(member.GetId(), id)
+					pushed++
+				}
+			}
+			mu.Unlock()
+			if err != nil {
+				if !errors.Is(ctx.Err(), context.Canceled) {
+					o.log.Warn("recovery stopped", "pg", fmt.Sprintf("%d.%d", r.PG.Pool, r.PG.Num), "member", member.GetId(), "err", err)
+				}
+				return
+			}
+			if err := o.limiter.wait(ctx, engine.ObjectSize); err != nil {
+				return
+			}
+		}
+	}
+	o.log.Info("recovered", "pg", fmt.Sprintf("%d.%d", r.PG.Pool, r.PG.Num), "epoch", st.epoch, "objects", pushed, "took", time.Since(start).Round(time.Millisecond))
+}
+
+func (st *pgState) isBehind(member string, id engine.ObjectID) bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.behind[member][id]
+}
+
+func (st *pgState) done(member string, id engine.ObjectID) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	delete(st.behind[member], id)
+}
+
+func (st *pgState) list(member string) []engine.ObjectID {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	out := make([]engine.ObjectID, 0, len(st.behind[member]))
+	for id := range st.behind[member] {
+		out = append(out, id)
+	}
+	return out
+}
+
+func (st *pgState) pending() int {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	n := 0
+	for _, b := range st.behind {
+		n += len(b)
+	}
+	return n
+}
+
+// RecoveryPending counts objects this node, as primary, still has to push to members.
+func (o *OSD) RecoveryPending() int {
+	o.pgMu.Lock()
+	defer o.pgMu.Unlock()
+	n := 0
+	for _, st := range o.pgs {
+		select {
+		case <-st.ready:
+			n += st.pending()
+		default:
+		}
+	}
+	return n
+}
+
+// rateLimiter is a token bucket in bytes per second; zero means unlimited.
+type rateLimiter struct {
+	mu     sync.Mutex
+	rate   float64
+	tokens float64
+	last   time.Time
+}
+
+func newRateLimiter(bytesPerSec int64) *rateLimiter {
+	return &rateLimiter{rate: float64(bytesPerSec), tokens: float64(bytesPerSec), last: time.Now()}
+}
+
+func (l *rateLimiter) wait(ctx context.Context, n int64) error {
+	if l.rate <= 0 {
+		return nil
+	}
+	l.mu.Lock()
+	now := time.Now()
+	l.tokens = min(l.rate, l.tokens+now.Sub(l.last).Seconds()*l.rate)
+	l.last = now
+	l.tokens -= float64(n)
+	deficit := -l.tokens
+	l.mu.Unlock()
+	if deficit <= 0 {
+		return nil
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(time.Duration(deficit / l.rate * float64(time.Second))):
+		return nil
+	}
+}
