@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 BIN := $(CURDIR)/bin
-DAEMONS := tools/cmd/basalt metad/cmd/metad blockd/cmd/blockd computed/cmd/computed netd/cmd/netd
+DAEMONS := tools/cmd/basalt tools/cmd/basalt-bench metad/cmd/metad blockd/cmd/blockd computed/cmd/computed netd/cmd/netd
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/basalt-hv/basalt/internal/buildinfo.version=$(VERSION)
 
@@ -16,7 +16,7 @@ ARGS ?=
 # Extra flags for `go test`, e.g. make test TESTFLAGS='-run TestLease -v'.
 TESTFLAGS ?=
 
-.PHONY: all deps build run test test-short vet fmt proto clean
+.PHONY: all deps build run test test-short vet fmt proto bench clean
 
 all: build
 
@@ -40,6 +40,11 @@ test: build vet
 
 test-short: build
 	BASALT_BIN_DIR=$(BIN) $(GO) test -count=1 -short $(TESTFLAGS) ./...
+
+# Benchmarks against qemu-nbd, nbdkit and the raw file, in one run; results go in docs/benchmarks.md.
+BENCHFLAGS ?=
+bench: build
+	$(BIN)/basalt-bench --bin-dir $(BIN) $(BENCHFLAGS)
 
 proto:
 	@command -v protoc >/dev/null || ./scripts/deps.sh

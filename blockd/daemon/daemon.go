@@ -105,7 +105,7 @@ func Wire(ctx context.Context, n *node.Node, c Config) (_ func(), err error) {
 
 	peers := osd.NewPeers()
 	closers = append(closers, peers.Close)
-	o := osd.New(n.Config.ID, eng, v, peers, c.RecoveryRate, n.Log.With("component", "osd"))
+	o := osd.New(n.Config.ID, eng, v, peers, n.Store, c.RecoveryRate, n.Log.With("component", "osd"))
 	basaltv1.RegisterBlockServiceServer(n.GRPC, o)
 	bg.Add(1)
 	go func() { defer bg.Done(); o.Run(vctx) }()

@@ -23,6 +23,7 @@ import (
 	"github.com/basalt-hv/basalt/blockd/engine"
 	"github.com/basalt-hv/basalt/blockd/view"
 	"github.com/basalt-hv/basalt/internal/placement"
+	"github.com/basalt-hv/basalt/metad/store"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -48,6 +49,7 @@ type OSD struct {
 	eng   *engine.Engine
 	view  *view.View
 	peers *Peers
+	store *store.Store // where recovery progress is published
 	log   *slog.Logger
 	seed  maphash.Seed
 
@@ -72,10 +74,10 @@ type pgState struct {
 	behind map[string]map[engine.ObjectID]bool
 }
 
-// New returns the object service of node id.
-func New(id string, eng *engine.Engine, v *view.View, peers *Peers, recoveryBytesPerSec int64, log *slog.Logger) *OSD {
+// New returns the object service of node id; it publishes recovery progress in s.
+func New(id string, eng *engine.Engine, v *view.View, peers *Peers, s *store.Store, recoveryBytesPerSec int64, log *slog.Logger) *OSD {
 	return &OSD{
-		id: id, eng: eng, view: v, peers: peers, log: log,
+		id: id, eng: eng, view: v, peers: peers, store: s, log: log,
 		seed:    maphash.MakeSeed(),
 		pgs:     map[placement.PG]*pgState{},
 		limiter: newRateLimiter(recoveryBytesPerSec),

@@ -12,8 +12,10 @@ import (
 
 	"github.com/basalt-hv/basalt/blockd/engine"
 	"github.com/basalt-hv/basalt/internal/placement"
+	"github.com/basalt-hv/basalt/metad/schema"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 // PeeringTimeout bounds one peering round; a PG that cannot peer answers Unavailable and peers again on the
@@ -94,8 +96,34 @@ func (o *OSD) peer(r Route, st *pgState) {
 	}
 	st.err = err
 	close(st.ready)
-	if err == nil && st.pending() > 0 {
+	if err != nil {
+		return
+	}
+	total := st.pending()
+	o.publishRecovery(r, st, total, 0)
+	if total > 0 {
 		go o.recover(r, st)
+	}
+}
+
+// publishRecovery records a PG's recovery progress in etcd for `basalt volume status`, and removes the record
+// when there is nothing left (which also clears one an earlier primary left behind). Failures only cost the
+// report, never the recovery.
+func (o *OSD) publishRecovery(r Route, st *pgState, total, done int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	key := schema.RecoveryKey(r.PG.Pool, r.PG.Num)
+	var err error
+	if total == done {
+		_, err = o.store.Client.Delete(ctx, key)
+	} else {
+		_, err = o.store.Put(ctx, key, &basaltv1.PGRecovery{
+			Pool: r.PG.Pool, Pg: r.PG.Num, Primary: o.id, Epoch: st.epoch,
+			ObjectsTotal: uint64(total), ObjectsDone: uint64(done), UpdatedAt: timestamppb.Now(),
+		})
+	}
+	if err != nil {
+		o.log.Warn("publish recovery progress", "pg", fmt.Sprintf("%d.%d", r.PG.Pool, r.PG.Num), "err", err)
 	}
 }
 
@@ -359,6 +387,9 @@ func (o *OSD) recover(r Route, st *pgState) {
 	}()
 	start := time.Now()
 	pushed := 0
+	total := st.pending()
+	lastReport := time.Now()
+	defer func() { o.publishRecovery(r, st, total, total-st.pending()) }()
 	for _, member := range r.Acting[1:] {
 		for _, id := range st.list(member.GetId()) {
 			mu := o.lock(id)
@@ -380,6 +411,10 @@ func (o *OSD) recover(r Route, st *pgState) {
 			}
 			if err := o.limiter.wait(ctx, engine.ObjectSize); err != nil {
 				return
+			}
+			if time.Since(lastReport) > time.Second {
+				o.publishRecovery(r, st, total, total-st.pending())
+				lastReport = time.Now()
 			}
 		}
 	}

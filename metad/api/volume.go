@@ -250,6 +250,17 @@ func (v *VolumeServer) GetVolumeStatus(ctx context.Context, r *basaltv1.GetVolum
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	recs, _, err := store.List[basaltv1.PGRecovery](ctx, v.Store, schema.RecoveryPrefix)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	for _, r := range recs {
+		if r.Value.GetPool() == pool.GetId() {
+			st.PgsRecovering++
+			st.ObjectsToRecover += r.Value.GetObjectsTotal()
+			st.ObjectsRecovered += r.Value.GetObjectsDone()
+		}
+	}
 	return st, nil
 }
 

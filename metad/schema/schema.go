@@ -33,6 +33,12 @@ const VolumesPrefix = Root + "volumes/"
 // VolumeIDCounter holds the last volume ID handed out (decimal text); IDs are never reused.
 const VolumeIDCounter = Root + "counters/volume-id"
 
+// RecoveryPrefix holds one PGRecovery record per PG whose primary is recovering members, keyed "<pool>.<pg>".
+const RecoveryPrefix = Root + "recovery/"
+
+// RecoveryKey is the key of a PG's recovery progress.
+func RecoveryKey(pool, pg uint32) string { return fmt.Sprintf("%s%d.%d", RecoveryPrefix, pool, pg) }
+
 // VolumeKey is the key of a volume's record.
 func VolumeKey(name string) string { return VolumesPrefix + name }
 

@@ -61,6 +61,7 @@ stops the nodes, then metad; daemon logs are in <data-dir>/logs, running PIDs in
 	f.IntVar(&o.BasePort, "base-port", 7400, "first port of the cluster's port range (see above)")
 	f.DurationVar(&o.LeaseTTL, "lease-ttl", node.DefaultLeaseTTL, "lease TTL of every node: how soon a dead node is listed as down")
 	f.DurationVar(&o.RestartDelay, "restart-delay", 10*time.Second, "how long a crashed daemon stays down before it is restarted; 0 never restarts")
+	f.DurationVar(&o.DownOut, "down-out-interval", 0, "how long a blockd may be down before its data is re-placed on other nodes (default: metad's, 10m)")
 	f.DurationVar(&o.StartTimeout, "start-timeout", 2*time.Minute, "how long to wait for every node to come up")
 	f.StringVar(&o.BinDir, "bin-dir", "", "directory holding metad, blockd, computed and netd (default: next to this basalt)")
 	f.BoolVar(&noConfig, "no-client-config", false, "do not write the client config file")

@@ -97,7 +97,8 @@ func (a *app) volumeListCmd() *cobra.Command {
 func (a *app) volumeInspectCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:               "inspect NAME",
-		Short:             "Show a volume: size, replicas and their health, and the NBD URIs to attach it with",
+		Aliases:           []string{"status"},
+		Short:             "Show a volume: size, replicas and their health, recovery progress, and the NBD URIs to attach it with",
 		Args:              exactArgs(1, "one volume name"),
 		ValidArgsFunction: a.completeVolumes,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -125,6 +126,13 @@ func (a *app) volumeInspectCmd() *cobra.Command {
 				}
 				fmt.Fprintf(w, "Health:\t%s: %d placement groups, %d healthy, %d degraded, %d unavailable (map epoch %d)\n", health,
 					st.GetPgsTotal(), st.GetPgsHealthy(), st.GetPgsDegraded(), st.GetPgsUnavailable(), st.GetEpoch())
+				if st.GetPgsRecovering() > 0 {
+					pct := 100 * float64(st.GetObjectsRecovered()) / float64(max(st.GetObjectsToRecover(), 1))
+					fmt.Fprintf(w, "Recovery:\t%d placement groups, %d of %d objects copied (%.0f%%)\n", st.GetPgsRecovering(),
+						st.GetObjectsRecovered(), st.GetObjectsToRecover(), pct)
+				} else {
+					fmt.Fprintf(w, "Recovery:\tnone in progress\n")
+				}
 				fmt.Fprintln(w, "Replicas:")
 				fmt.Fprintln(w, "  NODE\tDOMAIN\tSTATE\tPGS\tPRIMARY")
 				for _, n := range st.GetNodes() {

@@ -14,6 +14,11 @@ import (
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
 
+	"github.com/basalt-hv/basalt/internal/node"
+	"github.com/basalt-hv/basalt/internal/placement"
+	"github.com/basalt-hv/basalt/metad/clustermap"
+	"github.com/basalt-hv/basalt/metad/store"
+	"github.com/basalt-hv/basalt/tools/up"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
@@ -199,57 +204,177 @@ func TestReplicatedWritesSurviveKills(t *testing.T) {
 	}
 
 	// Replicas converge: every member of every PG holds the same objects with the same content.
+	waitMembersAgree(t, st, nil, 15)
+}
+
+// TestFioVerifyThroughReplicationUnderFailure runs fio's nbd engine at queue depth 32 with crc32c verification
+// against a 3-replica volume while a replica is SIGKILLed mid-run: fio's verify pass must find every block it
+// wrote intact.
+func TestFioVerifyThroughReplicationUnderFailure(t *testing.T) {
+	if testing.Short() {
+		t.Skip("kills a node; slow")
+	}
+	needTool(t, "fio", "fio")
+	e := newEnv(t)
+	base := freeBase(t, 3)
+	c := e.up(t.TempDir(), "--base-port", itoa(base), "--lease-ttl", "2s", "--restart-delay", "3s")
+	e.waitNodes("every node up", 10*time.Second, allUp(fullCluster...))
+	if _, errOut, code := e.basalt(nil, "volume", "create", "fio", "--size", "64M"); code != 0 {
+		t.Fatalf("volume create: %s", errOut)
+	}
+	fio := exec.Command("fio", "--name=verify", "--ioengine=nbd", fmt.Sprintf("--uri=nbd://127.0.0.1:%d/fio", base+11),
+		"--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=32M", "--verify=crc32c", "--verify_fatal=1",
+		"--verify_state_save=0", "--randrepeat=0")
+	var out bytes.Buffer
+	fio.Stdout, fio.Stderr = &out, &out
+	if err := fio.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	if err := syscall.Kill(c.pid(t, "blockd-3"), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := fio.Wait(); err != nil {
+		t.Fatalf("fio failed (a write was lost or a read was wrong): %v\n%s", err, out.String())
+	}
+	if !strings.Contains(out.String(), "verify") {
+		t.Fatalf("fio did not verify:\n%s", out.String())
+	}
+}
+
+// TestBackfillAfterANodeIsOut kills one of four blockd for good: once it has been down longer than the
+// down-out interval it is marked out, every PG it held gets a new member, and the new members are filled from
+// the survivors until all members of every PG agree again, with every byte still readable.
+func TestBackfillAfterANodeIsOut(t *testing.T) {
+	if testing.Short() {
+		t.Skip("kills a node and waits for backfill; slow")
+	}
+	needTool(t, "qemu-io", "qemu-utils")
+	e := newEnv(t)
+	base := freeBase(t, 4)
+	c := e.up(t.TempDir(), "--blockd", "4", "--base-port", itoa(base), "--lease-ttl", "2s",
+		"--restart-delay", "0", "--down-out-interval", "4s")
+	nodes := []string{"metad-1", "blockd-1", "blockd-2", "blockd-3", "blockd-4", "computed-1", "netd-1"}
+	e.waitNodes("every node up", 10*time.Second, allUp(nodes...))
+	if _, errOut, code := e.basalt(nil, "volume", "create", "bf", "--size", "32M"); code != 0 {
+		t.Fatalf("volume create: %s", errOut)
+	}
+	q := startQemuIO(t, fmt.Sprintf("nbd://127.0.0.1:%d/bf", base+11))
+	for i := range 32 {
+		if line, err := q.run(fmt.Sprintf("write -P %d %d %d", i+1, i<<20, 1<<20)); err != nil || !strings.HasPrefix(line, "wrote ") {
+			t.Fatalf("write %d: %s %v", i, line, err)
+		}
+	}
+	if err := q.close(60 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	st := c.state(t)
+	if err := syscall.Kill(c.pid(t, "blockd-4"), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitMembersAgree(t, st, func(m *basaltv1.ClusterMap) string {
+		if n := placement.Node(m, "blockd-4"); n != nil && n.GetIn() {
+			return "blockd-4 is not out yet"
+		}
+		return ""
+	}, 8)
+	// Once members agree, the primaries report no recovery in progress (a stale report would be a bug).
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		out, _, _ := e.basalt(nil, "volume", "status", "bf")
+		if strings.Contains(strings.Join(strings.Fields(out), " "), "Recovery: none in progress") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("recovery still reported after backfill converged:\n%s", out)
+		}
+	}
+	r := startQemuIO(t, fmt.Sprintf("nbd://127.0.0.1:%d/bf", base+21))
+	for i := range 32 {
+		if line, err := r.run(fmt.Sprintf("read -P %d %d %d", i+1, i<<20, 1<<20)); err != nil || !strings.HasPrefix(line, "read ") {
+			t.Fatalf("after backfill, MiB %d does not read back: %s %v", i, line, err)
+		}
+	}
+}
+
+// waitMembersAgree waits up to 90 s until the cluster map satisfies ready (nil: any map) and every member of
+// every PG of the default pool holds the same objects with the same content, then checks that they hold
+// wantObjects objects with data (so that agreement on nothing cannot pass).
+func waitMembersAgree(t *testing.T, st *up.State, ready func(*basaltv1.ClusterMap) string, wantObjects int) {
+	t.Helper()
+	etcd, err := node.Dial(context.Background(), []string{st.EtcdURL}, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer etcd.Close()
+	s := store.New(etcd)
 	clients := map[string]basaltv1.BlockServiceClient{}
 	for _, p := range st.Processes {
 		if p.Kind == "blockd" {
 			clients[p.ID] = blockService(t, p.GRPC)
 		}
 	}
-	deadline := time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(90 * time.Second)
 	for {
-		diff, objects, err := divergence(clients)
-		if err == nil && diff == "" {
-			// 16 objects of the 64 MiB volume were written and the first was discarded whole; an empty
-			// listing would agree vacuously.
-			if objects != 15 {
-				t.Fatalf("replicas agree on %d objects with data, want 15", objects)
+		m, err := clustermap.Get(context.Background(), s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		diff, objects := "", 0
+		if ready != nil {
+			diff = ready(m)
+		}
+		if diff == "" {
+			diff, objects, err = membersAgree(m, clients)
+			if err != nil {
+				diff = err.Error()
 			}
-			break
+		}
+		if diff == "" {
+			if objects != wantObjects {
+				t.Fatalf("members agree on %d objects with data, want %d", objects, wantObjects)
+			}
+			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("replicas did not converge within 60s: %v %s", err, diff)
+			t.Fatalf("replicas did not converge within 90s: %s", diff)
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
 }
 
-// divergence compares, PG by PG of the default pool, the objects and checksums each node holds. With three
-// nodes and three replicas every node is a member of every PG, so all three must agree exactly.
-func divergence(clients map[string]basaltv1.BlockServiceClient) (diff string, objects int, err error) {
+// membersAgree checks, for every PG of the default pool, that every member in map m holds the same objects
+// with the same content. It returns a description of the first difference, and the objects with data counted
+// once per PG.
+func membersAgree(m *basaltv1.ClusterMap, clients map[string]basaltv1.BlockServiceClient) (string, int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	for pg := range uint32(64) {
-		var ref []byte
-		var refNode string
-		for id, c := range clients {
-			resp, err := c.PGObjects(ctx, &basaltv1.PGObjectsRequest{Pool: 1, Pg: pg, Checksums: true})
-			if err != nil {
-				return "", 0, fmt.Errorf("%s: %w", id, err)
+	pool := placement.Pool(m, "default")
+	objects := 0
+	for pg := range pool.GetPgCount() {
+		var ref string
+		for i, member := range placement.Members(m, pool, placement.PG{Pool: pool.GetId(), Num: pg}) {
+			c := clients[member.GetId()]
+			if c == nil {
+				return fmt.Sprintf("PG %d has member %s, which the test does not know", pg, member.GetId()), 0, nil
 			}
-			var b bytes.Buffer
+			resp, err := c.PGObjects(ctx, &basaltv1.PGObjectsRequest{Pool: pool.GetId(), Pg: pg, Checksums: true})
+			if err != nil {
+				return "", 0, fmt.Errorf("%s: %w", member.GetId(), err)
+			}
+			var b strings.Builder
 			n := 0
 			for _, o := range resp.GetObjects() {
-				if o.GetEmpty() {
-					continue // trimmed whole: the same as never written
+				if !o.GetEmpty() {
+					n++
+					fmt.Fprintf(&b, "%d.%d=%x;", o.GetObject().GetVolume(), o.GetObject().GetIndex(), o.GetChecksum())
 				}
-				n++
-				fmt.Fprintf(&b, "%d.%d=%x;", o.GetObject().GetVolume(), o.GetObject().GetIndex(), o.GetChecksum())
 			}
-			if ref == nil {
-				ref, refNode = b.Bytes(), id
+			if i == 0 {
+				ref = b.String()
 				objects += n
-			} else if !bytes.Equal(ref, b.Bytes()) {
-				return fmt.Sprintf("PG 1.%d: %s has %s, %s has %s", pg, refNode, ref, id, b.Bytes()), 0, nil
+			} else if b.String() != ref {
+				return fmt.Sprintf("PG %d: %s holds %q, the primary %q", pg, member.GetId(), b.String(), ref), 0, nil
 			}
 		}
 	}

@@ -42,6 +42,9 @@ type Options struct {
 	LeaseTTL time.Duration
 	// RestartDelay is how long a crashed daemon stays down before it is restarted; 0 disables restarts.
 	RestartDelay time.Duration
+	// DownOut is how long a blockd may be down before its data is re-placed (metad's --down-out-interval);
+	// 0 keeps metad's default.
+	DownOut time.Duration
 	// BinDir holds the metad, blockd, computed and netd binaries.
 	BinDir string
 	// ConfigPath is the client config file to write; empty writes none.
@@ -109,8 +112,11 @@ func Plan(o Options) (*State, error) {
 			Log: filepath.Join(dataDir, "logs", id+".log"),
 		})
 	}
-	add("metad-1", "metad", o.BasePort, []int{o.BasePort, o.BasePort + 1, o.BasePort + 2},
-		"--etcd-client-url", etcdURL, "--etcd-peer-url", "http://"+hp(o.BasePort+2))
+	metadArgs := []string{"--etcd-client-url", etcdURL, "--etcd-peer-url", "http://" + hp(o.BasePort+2)}
+	if o.DownOut > 0 {
+		metadArgs = append(metadArgs, "--down-out-interval", o.DownOut.String())
+	}
+	add("metad-1", "metad", o.BasePort, []int{o.BasePort, o.BasePort + 1, o.BasePort + 2}, metadArgs...)
 	var nodes []struct{ id, kind string }
 	for i := 1; i <= o.Blockd; i++ {
 		nodes = append(nodes, struct{ id, kind string }{fmt.Sprintf("blockd-%d", i), "blockd"})

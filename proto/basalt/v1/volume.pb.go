@@ -792,9 +792,14 @@ type VolumeStatus struct {
 	PgsUnavailable uint32               `protobuf:"varint,6,opt,name=pgs_unavailable,json=pgsUnavailable,proto3" json:"pgs_unavailable,omitempty"`
 	Nodes          []*VolumeReplicaNode `protobuf:"bytes,7,rep,name=nodes,proto3" json:"nodes,omitempty"`
 	// NBD URIs to attach the volume with, through any blockd that is up (TCP and Unix socket).
-	NbdUris       []string `protobuf:"bytes,8,rep,name=nbd_uris,json=nbdUris,proto3" json:"nbd_uris,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	NbdUris []string `protobuf:"bytes,8,rep,name=nbd_uris,json=nbdUris,proto3" json:"nbd_uris,omitempty"`
+	// Recovery in the volume's pool: PGs whose primary is still copying objects to members that are behind or
+	// new, and how many objects that is.
+	PgsRecovering    uint32 `protobuf:"varint,9,opt,name=pgs_recovering,json=pgsRecovering,proto3" json:"pgs_recovering,omitempty"`
+	ObjectsToRecover uint64 `protobuf:"varint,10,opt,name=objects_to_recover,json=objectsToRecover,proto3" json:"objects_to_recover,omitempty"`
+	ObjectsRecovered uint64 `protobuf:"varint,11,opt,name=objects_recovered,json=objectsRecovered,proto3" json:"objects_recovered,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *VolumeStatus) Reset() {
@@ -883,6 +888,120 @@ func (x *VolumeStatus) GetNbdUris() []string {
 	return nil
 }
 
+func (x *VolumeStatus) GetPgsRecovering() uint32 {
+	if x != nil {
+		return x.PgsRecovering
+	}
+	return 0
+}
+
+func (x *VolumeStatus) GetObjectsToRecover() uint64 {
+	if x != nil {
+		return x.ObjectsToRecover
+	}
+	return 0
+}
+
+func (x *VolumeStatus) GetObjectsRecovered() uint64 {
+	if x != nil {
+		return x.ObjectsRecovered
+	}
+	return 0
+}
+
+// PGRecovery is a primary's progress in bringing a PG's members up to date, kept in etcd while it lasts.
+type PGRecovery struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pool          uint32                 `protobuf:"varint,1,opt,name=pool,proto3" json:"pool,omitempty"`
+	Pg            uint32                 `protobuf:"varint,2,opt,name=pg,proto3" json:"pg,omitempty"`
+	Primary       string                 `protobuf:"bytes,3,opt,name=primary,proto3" json:"primary,omitempty"`
+	Epoch         uint64                 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	ObjectsTotal  uint64                 `protobuf:"varint,5,opt,name=objects_total,json=objectsTotal,proto3" json:"objects_total,omitempty"`
+	ObjectsDone   uint64                 `protobuf:"varint,6,opt,name=objects_done,json=objectsDone,proto3" json:"objects_done,omitempty"`
+	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PGRecovery) Reset() {
+	*x = PGRecovery{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PGRecovery) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PGRecovery) ProtoMessage() {}
+
+func (x *PGRecovery) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PGRecovery.ProtoReflect.Descriptor instead.
+func (*PGRecovery) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *PGRecovery) GetPool() uint32 {
+	if x != nil {
+		return x.Pool
+	}
+	return 0
+}
+
+func (x *PGRecovery) GetPg() uint32 {
+	if x != nil {
+		return x.Pg
+	}
+	return 0
+}
+
+func (x *PGRecovery) GetPrimary() string {
+	if x != nil {
+		return x.Primary
+	}
+	return ""
+}
+
+func (x *PGRecovery) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *PGRecovery) GetObjectsTotal() uint64 {
+	if x != nil {
+		return x.ObjectsTotal
+	}
+	return 0
+}
+
+func (x *PGRecovery) GetObjectsDone() uint64 {
+	if x != nil {
+		return x.ObjectsDone
+	}
+	return 0
+}
+
+func (x *PGRecovery) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
 // VolumeReplicaNode is a storage node holding replicas of some of a volume's placement groups.
 type VolumeReplicaNode struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -899,7 +1018,7 @@ type VolumeReplicaNode struct {
 
 func (x *VolumeReplicaNode) Reset() {
 	*x = VolumeReplicaNode{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[15]
+	mi := &file_basalt_v1_volume_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -911,7 +1030,7 @@ func (x *VolumeReplicaNode) String() string {
 func (*VolumeReplicaNode) ProtoMessage() {}
 
 func (x *VolumeReplicaNode) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[15]
+	mi := &file_basalt_v1_volume_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -924,7 +1043,7 @@ func (x *VolumeReplicaNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeReplicaNode.ProtoReflect.Descriptor instead.
 func (*VolumeReplicaNode) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{15}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *VolumeReplicaNode) GetId() string {
@@ -1023,7 +1142,7 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\x05pools\x18\x01 \x03(\v2\x0f.basalt.v1.PoolR\x05pools\"'\n" +
 	"\x11DeletePoolRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
-	"\x12DeletePoolResponse\"\xa8\x02\n" +
+	"\x12DeletePoolResponse\"\xaa\x03\n" +
 	"\fVolumeStatus\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.basalt.v1.VolumeR\x06volume\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x1b\n" +
@@ -1033,7 +1152,21 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\fpgs_degraded\x18\x05 \x01(\rR\vpgsDegraded\x12'\n" +
 	"\x0fpgs_unavailable\x18\x06 \x01(\rR\x0epgsUnavailable\x122\n" +
 	"\x05nodes\x18\a \x03(\v2\x1c.basalt.v1.VolumeReplicaNodeR\x05nodes\x12\x19\n" +
-	"\bnbd_uris\x18\b \x03(\tR\anbdUris\"\x9d\x01\n" +
+	"\bnbd_uris\x18\b \x03(\tR\anbdUris\x12%\n" +
+	"\x0epgs_recovering\x18\t \x01(\rR\rpgsRecovering\x12,\n" +
+	"\x12objects_to_recover\x18\n" +
+	" \x01(\x04R\x10objectsToRecover\x12+\n" +
+	"\x11objects_recovered\x18\v \x01(\x04R\x10objectsRecovered\"\xe3\x01\n" +
+	"\n" +
+	"PGRecovery\x12\x12\n" +
+	"\x04pool\x18\x01 \x01(\rR\x04pool\x12\x0e\n" +
+	"\x02pg\x18\x02 \x01(\rR\x02pg\x12\x18\n" +
+	"\aprimary\x18\x03 \x01(\tR\aprimary\x12\x14\n" +
+	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x12#\n" +
+	"\robjects_total\x18\x05 \x01(\x04R\fobjectsTotal\x12!\n" +
+	"\fobjects_done\x18\x06 \x01(\x04R\vobjectsDone\x129\n" +
+	"\n" +
+	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\x9d\x01\n" +
 	"\x11VolumeReplicaNode\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12%\n" +
 	"\x0efailure_domain\x18\x02 \x01(\tR\rfailureDomain\x12\x0e\n" +
@@ -1067,7 +1200,7 @@ func file_basalt_v1_volume_proto_rawDescGZIP() []byte {
 	return file_basalt_v1_volume_proto_rawDescData
 }
 
-var file_basalt_v1_volume_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_basalt_v1_volume_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_basalt_v1_volume_proto_goTypes = []any{
 	(*Volume)(nil),                // 0: basalt.v1.Volume
 	(*CreateVolumeRequest)(nil),   // 1: basalt.v1.CreateVolumeRequest
@@ -1084,38 +1217,40 @@ var file_basalt_v1_volume_proto_goTypes = []any{
 	(*DeletePoolRequest)(nil),     // 12: basalt.v1.DeletePoolRequest
 	(*DeletePoolResponse)(nil),    // 13: basalt.v1.DeletePoolResponse
 	(*VolumeStatus)(nil),          // 14: basalt.v1.VolumeStatus
-	(*VolumeReplicaNode)(nil),     // 15: basalt.v1.VolumeReplicaNode
-	(*timestamppb.Timestamp)(nil), // 16: google.protobuf.Timestamp
+	(*PGRecovery)(nil),            // 15: basalt.v1.PGRecovery
+	(*VolumeReplicaNode)(nil),     // 16: basalt.v1.VolumeReplicaNode
+	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
 }
 var file_basalt_v1_volume_proto_depIdxs = []int32{
-	16, // 0: basalt.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	17, // 0: basalt.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
 	0,  // 1: basalt.v1.ListVolumesResponse.volumes:type_name -> basalt.v1.Volume
 	8,  // 2: basalt.v1.ListPoolsResponse.pools:type_name -> basalt.v1.Pool
 	0,  // 3: basalt.v1.VolumeStatus.volume:type_name -> basalt.v1.Volume
-	15, // 4: basalt.v1.VolumeStatus.nodes:type_name -> basalt.v1.VolumeReplicaNode
-	1,  // 5: basalt.v1.VolumeService.CreateVolume:input_type -> basalt.v1.CreateVolumeRequest
-	2,  // 6: basalt.v1.VolumeService.GetVolume:input_type -> basalt.v1.GetVolumeRequest
-	3,  // 7: basalt.v1.VolumeService.ListVolumes:input_type -> basalt.v1.ListVolumesRequest
-	5,  // 8: basalt.v1.VolumeService.DeleteVolume:input_type -> basalt.v1.DeleteVolumeRequest
-	7,  // 9: basalt.v1.VolumeService.ResizeVolume:input_type -> basalt.v1.ResizeVolumeRequest
-	2,  // 10: basalt.v1.VolumeService.GetVolumeStatus:input_type -> basalt.v1.GetVolumeRequest
-	9,  // 11: basalt.v1.VolumeService.CreatePool:input_type -> basalt.v1.CreatePoolRequest
-	10, // 12: basalt.v1.VolumeService.ListPools:input_type -> basalt.v1.ListPoolsRequest
-	12, // 13: basalt.v1.VolumeService.DeletePool:input_type -> basalt.v1.DeletePoolRequest
-	0,  // 14: basalt.v1.VolumeService.CreateVolume:output_type -> basalt.v1.Volume
-	0,  // 15: basalt.v1.VolumeService.GetVolume:output_type -> basalt.v1.Volume
-	4,  // 16: basalt.v1.VolumeService.ListVolumes:output_type -> basalt.v1.ListVolumesResponse
-	6,  // 17: basalt.v1.VolumeService.DeleteVolume:output_type -> basalt.v1.DeleteVolumeResponse
-	0,  // 18: basalt.v1.VolumeService.ResizeVolume:output_type -> basalt.v1.Volume
-	14, // 19: basalt.v1.VolumeService.GetVolumeStatus:output_type -> basalt.v1.VolumeStatus
-	8,  // 20: basalt.v1.VolumeService.CreatePool:output_type -> basalt.v1.Pool
-	11, // 21: basalt.v1.VolumeService.ListPools:output_type -> basalt.v1.ListPoolsResponse
-	13, // 22: basalt.v1.VolumeService.DeletePool:output_type -> basalt.v1.DeletePoolResponse
-	14, // [14:23] is the sub-list for method output_type
-	5,  // [5:14] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	16, // 4: basalt.v1.VolumeStatus.nodes:type_name -> basalt.v1.VolumeReplicaNode
+	17, // 5: basalt.v1.PGRecovery.updated_at:type_name -> google.protobuf.Timestamp
+	1,  // 6: basalt.v1.VolumeService.CreateVolume:input_type -> basalt.v1.CreateVolumeRequest
+	2,  // 7: basalt.v1.VolumeService.GetVolume:input_type -> basalt.v1.GetVolumeRequest
+	3,  // 8: basalt.v1.VolumeService.ListVolumes:input_type -> basalt.v1.ListVolumesRequest
+	5,  // 9: basalt.v1.VolumeService.DeleteVolume:input_type -> basalt.v1.DeleteVolumeRequest
+	7,  // 10: basalt.v1.VolumeService.ResizeVolume:input_type -> basalt.v1.ResizeVolumeRequest
+	2,  // 11: basalt.v1.VolumeService.GetVolumeStatus:input_type -> basalt.v1.GetVolumeRequest
+	9,  // 12: basalt.v1.VolumeService.CreatePool:input_type -> basalt.v1.CreatePoolRequest
+	10, // 13: basalt.v1.VolumeService.ListPools:input_type -> basalt.v1.ListPoolsRequest
+	12, // 14: basalt.v1.VolumeService.DeletePool:input_type -> basalt.v1.DeletePoolRequest
+	0,  // 15: basalt.v1.VolumeService.CreateVolume:output_type -> basalt.v1.Volume
+	0,  // 16: basalt.v1.VolumeService.GetVolume:output_type -> basalt.v1.Volume
+	4,  // 17: basalt.v1.VolumeService.ListVolumes:output_type -> basalt.v1.ListVolumesResponse
+	6,  // 18: basalt.v1.VolumeService.DeleteVolume:output_type -> basalt.v1.DeleteVolumeResponse
+	0,  // 19: basalt.v1.VolumeService.ResizeVolume:output_type -> basalt.v1.Volume
+	14, // 20: basalt.v1.VolumeService.GetVolumeStatus:output_type -> basalt.v1.VolumeStatus
+	8,  // 21: basalt.v1.VolumeService.CreatePool:output_type -> basalt.v1.Pool
+	11, // 22: basalt.v1.VolumeService.ListPools:output_type -> basalt.v1.ListPoolsResponse
+	13, // 23: basalt.v1.VolumeService.DeletePool:output_type -> basalt.v1.DeletePoolResponse
+	15, // [15:24] is the sub-list for method output_type
+	6,  // [6:15] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_basalt_v1_volume_proto_init() }
@@ -1129,7 +1264,7 @@ func file_basalt_v1_volume_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_volume_proto_rawDesc), len(file_basalt_v1_volume_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
