@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/pprof"
 	"os"
 	"strings"
 	"time"
@@ -39,6 +41,8 @@ type Config struct {
 	FailureDomain string
 	EtcdEndpoints []string
 	LeaseTTL      time.Duration
+	// DebugListen, if set, serves Go's pprof profiles (/debug/pprof/) on this address, for profiling.
+	DebugListen string
 	// EtcdTimeout bounds the first contact with etcd, so an unreachable etcd is a clear error, not a hang.
 	EtcdTimeout time.Duration
 	// Dir, if set, is the node's already opened data directory (metad opens it before starting the embedded
@@ -75,6 +79,7 @@ func (c *Config) Flags(fs *flag.FlagSet, defaultListen string) {
 	})
 	fs.DurationVar(&c.LeaseTTL, "lease-ttl", DefaultLeaseTTL, "how long this node stays listed as up after it stops answering (min 2s)")
 	fs.DurationVar(&c.EtcdTimeout, "etcd-timeout", 10*time.Second, "how long to wait for etcd at startup")
+	fs.StringVar(&c.DebugListen, "debug-listen", "", "host:port to serve pprof profiles on (/debug/pprof/); empty: off")
 }
 
 func splitList(s string) []string {
@@ -194,6 +199,15 @@ func (n *Node) Serve(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if n.Config.DebugListen != "" {
+		stop, err := serveDebug(n.Config.DebugListen)
+		if err != nil {
+			reg.Close(context.WithoutCancel(ctx))
+			return err
+		}
+		defer stop()
+		n.Log.Info("serving pprof", "addr", n.Config.DebugListen)
+	}
 	n.Health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	served := make(chan error, 1)
 	go func() { served <- n.GRPC.Serve(n.listener) }()
@@ -235,4 +249,20 @@ func (n *Node) release() {
 	if n.Dir != nil {
 		n.Dir.Close()
 	}
+}
+
+// serveDebug serves pprof on its own mux (never on the default one) and returns how to stop it.
+func serveDebug(addr string) (func(), error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen for pprof: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	return func() { srv.Close() }, nil
 }

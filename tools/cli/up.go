@@ -65,6 +65,7 @@ stops the nodes, then metad; daemon logs are in <data-dir>/logs, running PIDs in
 	f.DurationVar(&o.StartTimeout, "start-timeout", 2*time.Minute, "how long to wait for every node to come up")
 	f.StringVar(&o.BinDir, "bin-dir", "", "directory holding metad, blockd, computed and netd (default: next to this basalt)")
 	f.BoolVar(&noConfig, "no-client-config", false, "do not write the client config file")
+	f.BoolVar(&o.Debug, "debug", false, "serve pprof profiles on the last port of every daemon's range (metad: --base-port + 9)")
 	return cmd
 }
 

@@ -42,6 +42,8 @@ type Options struct {
 	LeaseTTL time.Duration
 	// RestartDelay is how long a crashed daemon stays down before it is restarted; 0 disables restarts.
 	RestartDelay time.Duration
+	// Debug gives every daemon a pprof endpoint on the last port of its range (metad: BasePort+9).
+	Debug bool
 	// DownOut is how long a blockd may be down before its data is re-placed (metad's --down-out-interval);
 	// 0 keeps metad's default.
 	DownOut time.Duration
@@ -107,6 +109,12 @@ func Plan(o Options) (*State, error) {
 			"--node-id", id, "--data-dir", dir, "--listen", hp(grpcPort),
 			"--lease-ttl", ttl, "--failure-domain", id,
 		}, extra...)
+		if o.Debug {
+			// Every range starts at a multiple of ten from BasePort; its last port is free for pprof.
+			debugPort := grpcPort - (grpcPort-o.BasePort)%10 + 9
+			args = append(args, "--debug-listen", hp(debugPort))
+			ports = append(ports, debugPort)
+		}
 		s.Processes = append(s.Processes, &Process{
 			ID: id, Kind: kind, GRPC: hp(grpcPort), DataDir: dir, Args: args, Ports: ports,
 			Log: filepath.Join(dataDir, "logs", id+".log"),
