@@ -36,6 +36,8 @@ type Config struct {
 	RecoveryRate int64
 	// OpTimeout is how long a client operation keeps retrying through failures.
 	OpTimeout time.Duration
+	// ScrubInterval is how often the background scrubber verifies the PGs this node is primary of (0: never).
+	ScrubInterval time.Duration
 }
 
 // Flags registers blockd's flags.
@@ -43,6 +45,7 @@ func (c *Config) Flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.NBDListen, "nbd-listen", "127.0.0.1:10809", "TCP address of the NBD server (empty: no TCP)")
 	fs.StringVar(&c.NBDSocket, "nbd-socket", "", "Unix socket of the NBD server (default <data-dir>/nbd.sock)")
 	fs.Int64Var(&c.RecoveryRate, "recovery-rate", 64<<20, "bytes per second background recovery may copy (0: unlimited)")
+	fs.DurationVar(&c.ScrubInterval, "scrub-interval", 24*time.Hour, "how often to verify every copy of the data this node is primary of (0: never)")
 	fs.DurationVar(&c.OpTimeout, "op-timeout", gateway.DefaultOpTimeout, "how long a client operation keeps retrying through node failures before it fails")
 }
 
@@ -107,8 +110,9 @@ func Wire(ctx context.Context, n *node.Node, c Config) (_ func(), err error) {
 	closers = append(closers, peers.Close)
 	o := osd.New(n.Config.ID, eng, v, peers, n.Store, c.RecoveryRate, n.Log.With("component", "osd"))
 	basaltv1.RegisterBlockServiceServer(n.GRPC, o)
-	bg.Add(1)
+	bg.Add(2)
 	go func() { defer bg.Done(); o.Run(vctx) }()
+	go func() { defer bg.Done(); o.RunScrubber(vctx, c.ScrubInterval) }()
 
 	srv := &nbd.Server{
 		Exports: &gateway.Gateway{OSD: o, View: v, Peers: peers, OpTimeout: c.OpTimeout, Log: n.Log.With("component", "gateway")},

@@ -216,7 +216,15 @@ func (o *OSD) ClientOp(ctx context.Context, req *basaltv1.ClientOpRequest) (*bas
 	switch req.GetOp() {
 	case basaltv1.BlockOp_BLOCK_OP_READ:
 		buf := make([]byte, req.GetLength())
-		if err := o.eng.Read(ctx, id, req.GetOffset(), buf); err != nil {
+		err := o.eng.Read(ctx, id, req.GetOffset(), buf)
+		if errors.Is(err, engine.ErrCorrupt) {
+			// The primary's copy is bad: repair it from a member with the same version, then read again.
+			if rerr := o.readRepair(ctx, r, id); rerr != nil {
+				return nil, rerr
+			}
+			err = o.eng.Read(ctx, id, req.GetOffset(), buf)
+		}
+		if err != nil {
 			return nil, engineStatus(fmt.Sprintf("read object %d.%d", id.Volume, id.Index), err)
 		}
 		return &basaltv1.ClientOpResponse{Data: buf}, nil

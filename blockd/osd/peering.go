@@ -204,10 +204,14 @@ func (o *OSD) PGObjects(ctx context.Context, req *basaltv1.PGObjectsRequest) (*b
 		ov := &basaltv1.ObjectVersion{Object: &basaltv1.ObjectRef{Volume: id.Volume, Index: id.Index}, Version: v, Empty: o.empty(id)}
 		if req.GetChecksums() {
 			sum, err := o.eng.ObjectChecksum(ctx, id)
-			if err != nil {
+			switch {
+			case errors.Is(err, engine.ErrCorrupt):
+				ov.Corrupt = true
+			case err != nil:
 				return nil, engineStatus("checksum", err)
+			default:
+				ov.Checksum = sum[:]
 			}
-			ov.Checksum = sum[:]
 		}
 		resp.Objects = append(resp.Objects, ov)
 	}
@@ -335,7 +339,8 @@ func (o *OSD) PushObject(ctx context.Context, req *basaltv1.PushObjectRequest) (
 	mu := o.lock(id)
 	mu.Lock()
 	defer mu.Unlock()
-	if req.GetVersion() <= o.eng.ObjectVersion(id) {
+	cur := o.eng.ObjectVersion(id)
+	if req.GetVersion() < cur || req.GetVersion() == cur && !req.GetRepair() {
 		return &basaltv1.PushObjectResponse{}, nil
 	}
 	if err := o.replaceObject(ctx, id, req.GetVersion(), req.GetExtents(), req.GetData()); err != nil {

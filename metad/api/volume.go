@@ -16,7 +16,9 @@ import (
 	"github.com/basalt-hv/basalt/metad/schema"
 	"github.com/basalt-hv/basalt/metad/store"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -359,4 +361,53 @@ func (v *VolumeServer) DeletePool(ctx context.Context, r *basaltv1.DeletePoolReq
 		return nil, toStatus(err)
 	}
 	return &basaltv1.DeletePoolResponse{}, nil
+}
+
+// ScrubVolume asks every storage node that is up to scrub the PGs it is primary of, for this volume, and sums
+// what they found. A node that cannot be asked is reported, not fatal: its PGs are scrubbed by their next
+// primary.
+func (v *VolumeServer) ScrubVolume(ctx context.Context, r *basaltv1.ScrubVolumeRequest) (*basaltv1.ScrubVolumeResponse, error) {
+	rec, err := v.get(ctx, r.GetName())
+	if err != nil {
+		return nil, err
+	}
+	nodes, err := registry.List(ctx, v.Store, basaltv1.NodeKind_NODE_KIND_BLOCKD, false)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	type answer struct {
+		node string
+		res  *basaltv1.ScrubResponse
+		err  error
+	}
+	answers := make(chan answer, len(nodes))
+	for _, n := range nodes {
+		go func() {
+			conn, err := grpc.NewClient(n.GetNode().GetGrpcAddress(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				answers <- answer{n.GetNode().GetId(), nil, err}
+				return
+			}
+			defer conn.Close()
+			res, err := basaltv1.NewBlockServiceClient(conn).Scrub(ctx, &basaltv1.ScrubRequest{Volume: rec.Value.GetId()})
+			answers <- answer{n.GetNode().GetId(), res, err}
+		}()
+	}
+	out := &basaltv1.ScrubVolumeResponse{}
+	for range nodes {
+		a := <-answers
+		if a.err != nil {
+			out.Errors = append(out.Errors, fmt.Sprintf("%s: %s", a.node, status.Convert(a.err).Message()))
+			continue
+		}
+		out.Nodes++
+		out.Pgs += a.res.GetPgs()
+		out.Objects += a.res.GetObjects()
+		out.Corrupt += a.res.GetCorrupt()
+		out.Mismatched += a.res.GetMismatched()
+		out.Repaired += a.res.GetRepaired()
+		out.Unrepaired += a.res.GetUnrepaired()
+	}
+	slices.Sort(out.Errors)
+	return out, nil
 }

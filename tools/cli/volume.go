@@ -25,7 +25,7 @@ is used as data is written. Every blockd exports every volume over NBD (the expo
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 	}
-	cmd.AddCommand(a.volumeCreateCmd(), a.volumeListCmd(), a.volumeInspectCmd(), a.volumeResizeCmd(), a.volumeDeleteCmd())
+	cmd.AddCommand(a.volumeCreateCmd(), a.volumeListCmd(), a.volumeInspectCmd(), a.volumeResizeCmd(), a.volumeDeleteCmd(), a.volumeScrubCmd())
 	return cmd
 }
 
@@ -210,6 +210,49 @@ func (a *app) volumeDeleteCmd() *cobra.Command {
 			return nil
 		},
 	}
+}
+
+func (a *app) volumeScrubCmd() *cobra.Command {
+	var timeout time.Duration
+	cmd := &cobra.Command{
+		Use:   "scrub NAME",
+		Short: "Verify every copy of every block of a volume, and repair bad copies from good ones",
+		Long: `scrub reads every block of every copy of the volume, checks it against its stored checksum, compares each
+member's copy of every object with the primary's, and replaces bad copies with good ones. Every blockd also
+scrubs everything in the background (blockd --scrub-interval).`,
+		Args:              exactArgs(1, "one volume name"),
+		ValidArgsFunction: a.completeVolumes,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			a.timeout = timeout
+			fmt.Fprintf(a.errOut, "scrubbing %s...\n", args[0])
+			var res *basaltv1.ScrubVolumeResponse
+			err := a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) (err error) {
+				res, err = c.ScrubVolume(ctx, &basaltv1.ScrubVolumeRequest{Name: args[0]})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			if err := a.print(res, func(w *tabwriter.Writer) {
+				fmt.Fprintf(w, "Scrubbed:\t%d objects in %d placement groups on %d nodes\n", res.GetObjects(), res.GetPgs(), res.GetNodes())
+				fmt.Fprintf(w, "Corrupt copies:\t%d\n", res.GetCorrupt())
+				fmt.Fprintf(w, "Mismatched copies:\t%d\n", res.GetMismatched())
+				fmt.Fprintf(w, "Repaired:\t%d\n", res.GetRepaired())
+				fmt.Fprintf(w, "Unrepaired:\t%d\n", res.GetUnrepaired())
+				for _, e := range res.GetErrors() {
+					fmt.Fprintf(w, "Not asked:\t%s\n", e)
+				}
+			}); err != nil {
+				return err
+			}
+			if res.GetUnrepaired() > 0 {
+				return fmt.Errorf("%d bad copies could not be repaired: no good copy was found (see the blockd logs)", res.GetUnrepaired())
+			}
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", time.Hour, "how long the scrub may take")
+	return cmd
 }
 
 func (a *app) completeVolumes(cmd *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {

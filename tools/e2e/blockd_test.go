@@ -4,9 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"sort"
 	"strings"
 	"syscall"
 	"testing"
@@ -379,4 +383,129 @@ func membersAgree(m *basaltv1.ClusterMap, clients map[string]basaltv1.BlockServi
 		}
 	}
 	return "", objects, nil
+}
+
+// TestScrubAndReadRepairFixCorruptCopies damages blocks of one node's copy on disk: every byte still reads
+// back correctly (a primary repairs its own bad copy from a member when a read finds it), `basalt volume scrub`
+// finds and repairs whatever is left, and a second scrub finds nothing.
+func TestScrubAndReadRepairFixCorruptCopies(t *testing.T) {
+	if testing.Short() {
+		t.Skip("slow")
+	}
+	needTool(t, "qemu-io", "qemu-utils")
+	e := newEnv(t)
+	base := freeBase(t, 3)
+	dataDir := t.TempDir()
+	e.up(dataDir, "--base-port", itoa(base), "--lease-ttl", "2s")
+	e.waitNodes("every node up", 10*time.Second, allUp(fullCluster...))
+	if _, errOut, code := e.basalt(nil, "volume", "create", "sc", "--size", "16M"); code != 0 {
+		t.Fatalf("volume create: %s", errOut)
+	}
+	q := startQemuIO(t, fmt.Sprintf("nbd://127.0.0.1:%d/sc", base+11))
+	for i := range 16 {
+		if line, err := q.run(fmt.Sprintf("write -P %d %d %d", i+1, i<<20, 1<<20)); err != nil || !strings.HasPrefix(line, "wrote ") {
+			t.Fatalf("write %d: %s %v", i, line, err)
+		}
+	}
+	if err := q.close(60 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	// The first record of every node's log is object 0's first MiB (64-byte segment header, 64-byte record
+	// header, 256 CRCs, then the data). Damage it on the primary of object 0's PG and on one member.
+	primary, member := objectZeroPlacement(t, e, dataDir, "sc")
+	for _, n := range []string{primary, member} {
+		segs, _ := filepath.Glob(filepath.Join(dataDir, n, "engine", "seg-*.log"))
+		if len(segs) == 0 {
+			t.Fatalf("no segment files on %s", n)
+		}
+		sort.Strings(segs)
+		f, err := os.OpenFile(segs[0], os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteAt(bytes.Repeat([]byte{0x5a}, 64), 64+64+1024+100000); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+	}
+
+	// Every byte reads back right, through another gateway.
+	r := startQemuIO(t, fmt.Sprintf("nbd://127.0.0.1:%d/sc", base+21))
+	for i := range 16 {
+		if line, err := r.run(fmt.Sprintf("read -P %d %d %d", i+1, i<<20, 1<<20)); err != nil || !strings.HasPrefix(line, "read ") {
+			t.Fatalf("MiB %d does not read back after corruption: %s %v", i, line, err)
+		}
+	}
+
+	type scrub struct {
+		Objects    string `json:"objects"`
+		Corrupt    string `json:"corrupt"`
+		Repaired   string `json:"repaired"`
+		Unrepaired string `json:"unrepaired"`
+	}
+	run := func() scrub {
+		t.Helper()
+		out, errOut, code := e.basalt(nil, "volume", "scrub", "sc", "-o", "json")
+		if code != 0 {
+			t.Fatalf("volume scrub: exit %d: %s %s", code, errOut, out)
+		}
+		var s scrub
+		if err := json.Unmarshal([]byte(out), &s); err != nil {
+			t.Fatalf("scrub output: %v\n%s", err, out)
+		}
+		return s
+	}
+	// The primary repaired its own copy when the read found it bad.
+	log, _ := os.ReadFile(filepath.Join(dataDir, "logs", primary+".log"))
+	if !bytes.Contains(log, []byte("repaired a corrupt copy from a member")) {
+		t.Fatalf("%s (primary of object 0) did not repair its copy on read", primary)
+	}
+	// Scrub finds the member's bad copy and replaces it with the primary's.
+	first := run()
+	if first.Corrupt != "1" || first.Repaired != "1" || first.Unrepaired != "" {
+		t.Fatalf("first scrub: %+v, want the member's one bad copy found and repaired", first)
+	}
+	second := run()
+	if second.Corrupt != "" || second.Repaired != "" || second.Objects != "4" {
+		t.Fatalf("second scrub: %+v, want the 4 objects of the volume checked and nothing found", second)
+	}
+}
+
+// objectZeroPlacement returns the primary and another member of the PG holding object 0 of a volume.
+func objectZeroPlacement(t *testing.T, e *env, dataDir, volume string) (primary, member string) {
+	t.Helper()
+	out, errOut, code := e.basalt(nil, "volume", "inspect", volume, "-o", "json")
+	if code != 0 {
+		t.Fatalf("volume inspect: %s", errOut)
+	}
+	var st struct {
+		Volume struct {
+			ID string `json:"id"`
+		} `json:"volume"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatal(err)
+	}
+	state, err := up.ReadState(dataDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	etcd, err := node.Dial(context.Background(), []string{state.EtcdURL}, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer etcd.Close()
+	m, err := clustermap.Get(context.Background(), store.New(etcd))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var id uint64
+	fmt.Sscan(st.Volume.ID, &id)
+	pool := placement.Pool(m, "default")
+	acting := placement.ActingSet(m, pool, placement.ObjectPG(pool, id, 0))
+	if len(acting) < 2 {
+		t.Fatalf("object 0 has %d replicas up", len(acting))
+	}
+	return acting[0].GetId(), acting[1].GetId()
 }

@@ -76,6 +76,138 @@ func (BlockOp) EnumDescriptor() ([]byte, []int) {
 	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{0}
 }
 
+type ScrubRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only this volume's objects; 0 scrubs every volume.
+	Volume        uint64 `protobuf:"varint,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScrubRequest) Reset() {
+	*x = ScrubRequest{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubRequest) ProtoMessage() {}
+
+func (x *ScrubRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubRequest.ProtoReflect.Descriptor instead.
+func (*ScrubRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *ScrubRequest) GetVolume() uint64 {
+	if x != nil {
+		return x.Volume
+	}
+	return 0
+}
+
+type ScrubResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Pgs     uint32                 `protobuf:"varint,1,opt,name=pgs,proto3" json:"pgs,omitempty"`
+	Objects uint64                 `protobuf:"varint,2,opt,name=objects,proto3" json:"objects,omitempty"`
+	// Copies whose blocks failed their checksums, on any member.
+	Corrupt uint64 `protobuf:"varint,3,opt,name=corrupt,proto3" json:"corrupt,omitempty"`
+	// Copies whose content differed from the primary's at the same version.
+	Mismatched uint64 `protobuf:"varint,4,opt,name=mismatched,proto3" json:"mismatched,omitempty"`
+	Repaired   uint64 `protobuf:"varint,5,opt,name=repaired,proto3" json:"repaired,omitempty"`
+	// Bad copies that could not be repaired (no good copy found); their objects read as errors.
+	Unrepaired    uint64 `protobuf:"varint,6,opt,name=unrepaired,proto3" json:"unrepaired,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScrubResponse) Reset() {
+	*x = ScrubResponse{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubResponse) ProtoMessage() {}
+
+func (x *ScrubResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubResponse.ProtoReflect.Descriptor instead.
+func (*ScrubResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ScrubResponse) GetPgs() uint32 {
+	if x != nil {
+		return x.Pgs
+	}
+	return 0
+}
+
+func (x *ScrubResponse) GetObjects() uint64 {
+	if x != nil {
+		return x.Objects
+	}
+	return 0
+}
+
+func (x *ScrubResponse) GetCorrupt() uint64 {
+	if x != nil {
+		return x.Corrupt
+	}
+	return 0
+}
+
+func (x *ScrubResponse) GetMismatched() uint64 {
+	if x != nil {
+		return x.Mismatched
+	}
+	return 0
+}
+
+func (x *ScrubResponse) GetRepaired() uint64 {
+	if x != nil {
+		return x.Repaired
+	}
+	return 0
+}
+
+func (x *ScrubResponse) GetUnrepaired() uint64 {
+	if x != nil {
+		return x.Unrepaired
+	}
+	return 0
+}
+
 type ObjectRef struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Volume        uint64                 `protobuf:"varint,1,opt,name=volume,proto3" json:"volume,omitempty"`
@@ -86,7 +218,7 @@ type ObjectRef struct {
 
 func (x *ObjectRef) Reset() {
 	*x = ObjectRef{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -98,7 +230,7 @@ func (x *ObjectRef) String() string {
 func (*ObjectRef) ProtoMessage() {}
 
 func (x *ObjectRef) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -111,7 +243,7 @@ func (x *ObjectRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectRef.ProtoReflect.Descriptor instead.
 func (*ObjectRef) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{0}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ObjectRef) GetVolume() uint64 {
@@ -145,7 +277,7 @@ type ClientOpRequest struct {
 
 func (x *ClientOpRequest) Reset() {
 	*x = ClientOpRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -157,7 +289,7 @@ func (x *ClientOpRequest) String() string {
 func (*ClientOpRequest) ProtoMessage() {}
 
 func (x *ClientOpRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -170,7 +302,7 @@ func (x *ClientOpRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClientOpRequest.ProtoReflect.Descriptor instead.
 func (*ClientOpRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{1}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ClientOpRequest) GetEpoch() uint64 {
@@ -233,7 +365,7 @@ type Extent struct {
 
 func (x *Extent) Reset() {
 	*x = Extent{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -245,7 +377,7 @@ func (x *Extent) String() string {
 func (*Extent) ProtoMessage() {}
 
 func (x *Extent) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -258,7 +390,7 @@ func (x *Extent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Extent.ProtoReflect.Descriptor instead.
 func (*Extent) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{2}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Extent) GetOffset() int64 {
@@ -293,7 +425,7 @@ type ClientOpResponse struct {
 
 func (x *ClientOpResponse) Reset() {
 	*x = ClientOpResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -305,7 +437,7 @@ func (x *ClientOpResponse) String() string {
 func (*ClientOpResponse) ProtoMessage() {}
 
 func (x *ClientOpResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -318,7 +450,7 @@ func (x *ClientOpResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClientOpResponse.ProtoReflect.Descriptor instead.
 func (*ClientOpResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{3}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ClientOpResponse) GetData() []byte {
@@ -360,7 +492,7 @@ type ReplicateRequest struct {
 
 func (x *ReplicateRequest) Reset() {
 	*x = ReplicateRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -372,7 +504,7 @@ func (x *ReplicateRequest) String() string {
 func (*ReplicateRequest) ProtoMessage() {}
 
 func (x *ReplicateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -385,7 +517,7 @@ func (x *ReplicateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateRequest.ProtoReflect.Descriptor instead.
 func (*ReplicateRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{4}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ReplicateRequest) GetEpoch() uint64 {
@@ -459,7 +591,7 @@ type ReplicateResponse struct {
 
 func (x *ReplicateResponse) Reset() {
 	*x = ReplicateResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -471,7 +603,7 @@ func (x *ReplicateResponse) String() string {
 func (*ReplicateResponse) ProtoMessage() {}
 
 func (x *ReplicateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -484,7 +616,7 @@ func (x *ReplicateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateResponse.ProtoReflect.Descriptor instead.
 func (*ReplicateResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{5}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{7}
 }
 
 type SyncRequest struct {
@@ -495,7 +627,7 @@ type SyncRequest struct {
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -507,7 +639,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -520,7 +652,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{6}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{8}
 }
 
 type SyncResponse struct {
@@ -531,7 +663,7 @@ type SyncResponse struct {
 
 func (x *SyncResponse) Reset() {
 	*x = SyncResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -543,7 +675,7 @@ func (x *SyncResponse) String() string {
 func (*SyncResponse) ProtoMessage() {}
 
 func (x *SyncResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -556,7 +688,7 @@ func (x *SyncResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncResponse.ProtoReflect.Descriptor instead.
 func (*SyncResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{7}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{9}
 }
 
 type PGObjectsRequest struct {
@@ -572,7 +704,7 @@ type PGObjectsRequest struct {
 
 func (x *PGObjectsRequest) Reset() {
 	*x = PGObjectsRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -584,7 +716,7 @@ func (x *PGObjectsRequest) String() string {
 func (*PGObjectsRequest) ProtoMessage() {}
 
 func (x *PGObjectsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -597,7 +729,7 @@ func (x *PGObjectsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PGObjectsRequest.ProtoReflect.Descriptor instead.
 func (*PGObjectsRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{8}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PGObjectsRequest) GetEpoch() uint64 {
@@ -635,14 +767,16 @@ type ObjectVersion struct {
 	// Checksum of the object's content (holes read as zeros), when asked for.
 	Checksum []byte `protobuf:"bytes,3,opt,name=checksum,proto3" json:"checksum,omitempty"`
 	// The object holds no data (it was trimmed whole) but keeps its version.
-	Empty         bool `protobuf:"varint,4,opt,name=empty,proto3" json:"empty,omitempty"`
+	Empty bool `protobuf:"varint,4,opt,name=empty,proto3" json:"empty,omitempty"`
+	// The checksum could not be computed because a block of this copy failed its own checksum.
+	Corrupt       bool `protobuf:"varint,5,opt,name=corrupt,proto3" json:"corrupt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ObjectVersion) Reset() {
 	*x = ObjectVersion{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -654,7 +788,7 @@ func (x *ObjectVersion) String() string {
 func (*ObjectVersion) ProtoMessage() {}
 
 func (x *ObjectVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -667,7 +801,7 @@ func (x *ObjectVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectVersion.ProtoReflect.Descriptor instead.
 func (*ObjectVersion) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{9}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ObjectVersion) GetObject() *ObjectRef {
@@ -698,6 +832,13 @@ func (x *ObjectVersion) GetEmpty() bool {
 	return false
 }
 
+func (x *ObjectVersion) GetCorrupt() bool {
+	if x != nil {
+		return x.Corrupt
+	}
+	return false
+}
+
 type PGObjectsResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Objects       []*ObjectVersion       `protobuf:"bytes,1,rep,name=objects,proto3" json:"objects,omitempty"`
@@ -707,7 +848,7 @@ type PGObjectsResponse struct {
 
 func (x *PGObjectsResponse) Reset() {
 	*x = PGObjectsResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -719,7 +860,7 @@ func (x *PGObjectsResponse) String() string {
 func (*PGObjectsResponse) ProtoMessage() {}
 
 func (x *PGObjectsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -732,7 +873,7 @@ func (x *PGObjectsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PGObjectsResponse.ProtoReflect.Descriptor instead.
 func (*PGObjectsResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{10}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *PGObjectsResponse) GetObjects() []*ObjectVersion {
@@ -752,7 +893,7 @@ type ReadObjectRequest struct {
 
 func (x *ReadObjectRequest) Reset() {
 	*x = ReadObjectRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -764,7 +905,7 @@ func (x *ReadObjectRequest) String() string {
 func (*ReadObjectRequest) ProtoMessage() {}
 
 func (x *ReadObjectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -777,7 +918,7 @@ func (x *ReadObjectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadObjectRequest.ProtoReflect.Descriptor instead.
 func (*ReadObjectRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{11}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ReadObjectRequest) GetEpoch() uint64 {
@@ -806,7 +947,7 @@ type ReadObjectResponse struct {
 
 func (x *ReadObjectResponse) Reset() {
 	*x = ReadObjectResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -818,7 +959,7 @@ func (x *ReadObjectResponse) String() string {
 func (*ReadObjectResponse) ProtoMessage() {}
 
 func (x *ReadObjectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -831,7 +972,7 @@ func (x *ReadObjectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadObjectResponse.ProtoReflect.Descriptor instead.
 func (*ReadObjectResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{12}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ReadObjectResponse) GetVersion() uint64 {
@@ -856,20 +997,22 @@ func (x *ReadObjectResponse) GetData() [][]byte {
 }
 
 type PushObjectRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Epoch         uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Primary       string                 `protobuf:"bytes,2,opt,name=primary,proto3" json:"primary,omitempty"`
-	Object        *ObjectRef             `protobuf:"bytes,3,opt,name=object,proto3" json:"object,omitempty"`
-	Version       uint64                 `protobuf:"varint,4,opt,name=version,proto3" json:"version,omitempty"`
-	Extents       []*Extent              `protobuf:"bytes,5,rep,name=extents,proto3" json:"extents,omitempty"`
-	Data          [][]byte               `protobuf:"bytes,6,rep,name=data,proto3" json:"data,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Epoch   uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Primary string                 `protobuf:"bytes,2,opt,name=primary,proto3" json:"primary,omitempty"`
+	Object  *ObjectRef             `protobuf:"bytes,3,opt,name=object,proto3" json:"object,omitempty"`
+	Version uint64                 `protobuf:"varint,4,opt,name=version,proto3" json:"version,omitempty"`
+	Extents []*Extent              `protobuf:"bytes,5,rep,name=extents,proto3" json:"extents,omitempty"`
+	Data    [][]byte               `protobuf:"bytes,6,rep,name=data,proto3" json:"data,omitempty"`
+	// Replace the member's copy even at the same version: the primary found it corrupt or different.
+	Repair        bool `protobuf:"varint,7,opt,name=repair,proto3" json:"repair,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PushObjectRequest) Reset() {
 	*x = PushObjectRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -881,7 +1024,7 @@ func (x *PushObjectRequest) String() string {
 func (*PushObjectRequest) ProtoMessage() {}
 
 func (x *PushObjectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -894,7 +1037,7 @@ func (x *PushObjectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PushObjectRequest.ProtoReflect.Descriptor instead.
 func (*PushObjectRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{13}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PushObjectRequest) GetEpoch() uint64 {
@@ -939,6 +1082,13 @@ func (x *PushObjectRequest) GetData() [][]byte {
 	return nil
 }
 
+func (x *PushObjectRequest) GetRepair() bool {
+	if x != nil {
+		return x.Repair
+	}
+	return false
+}
+
 type PushObjectResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -947,7 +1097,7 @@ type PushObjectResponse struct {
 
 func (x *PushObjectResponse) Reset() {
 	*x = PushObjectResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -959,7 +1109,7 @@ func (x *PushObjectResponse) String() string {
 func (*PushObjectResponse) ProtoMessage() {}
 
 func (x *PushObjectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -972,14 +1122,27 @@ func (x *PushObjectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PushObjectResponse.ProtoReflect.Descriptor instead.
 func (*PushObjectResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{14}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{16}
 }
 
 var File_basalt_v1_blockd_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\n" +
-	"\x16basalt/v1/blockd.proto\x12\tbasalt.v1\"9\n" +
+	"\x16basalt/v1/blockd.proto\x12\tbasalt.v1\"&\n" +
+	"\fScrubRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\x04R\x06volume\"\xb1\x01\n" +
+	"\rScrubResponse\x12\x10\n" +
+	"\x03pgs\x18\x01 \x01(\rR\x03pgs\x12\x18\n" +
+	"\aobjects\x18\x02 \x01(\x04R\aobjects\x12\x18\n" +
+	"\acorrupt\x18\x03 \x01(\x04R\acorrupt\x12\x1e\n" +
+	"\n" +
+	"mismatched\x18\x04 \x01(\x04R\n" +
+	"mismatched\x12\x1a\n" +
+	"\brepaired\x18\x05 \x01(\x04R\brepaired\x12\x1e\n" +
+	"\n" +
+	"unrepaired\x18\x06 \x01(\x04R\n" +
+	"unrepaired\"9\n" +
 	"\tObjectRef\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\x04R\x06volume\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\"\xd1\x01\n" +
@@ -1016,12 +1179,13 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x12\n" +
 	"\x04pool\x18\x02 \x01(\rR\x04pool\x12\x0e\n" +
 	"\x02pg\x18\x03 \x01(\rR\x02pg\x12\x1c\n" +
-	"\tchecksums\x18\x04 \x01(\bR\tchecksums\"\x89\x01\n" +
+	"\tchecksums\x18\x04 \x01(\bR\tchecksums\"\xa3\x01\n" +
 	"\rObjectVersion\x12,\n" +
 	"\x06object\x18\x01 \x01(\v2\x14.basalt.v1.ObjectRefR\x06object\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x12\x1a\n" +
 	"\bchecksum\x18\x03 \x01(\fR\bchecksum\x12\x14\n" +
-	"\x05empty\x18\x04 \x01(\bR\x05empty\"G\n" +
+	"\x05empty\x18\x04 \x01(\bR\x05empty\x12\x18\n" +
+	"\acorrupt\x18\x05 \x01(\bR\acorrupt\"G\n" +
 	"\x11PGObjectsResponse\x122\n" +
 	"\aobjects\x18\x01 \x03(\v2\x18.basalt.v1.ObjectVersionR\aobjects\"W\n" +
 	"\x11ReadObjectRequest\x12\x14\n" +
@@ -1030,21 +1194,22 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\x12ReadObjectResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x12+\n" +
 	"\aextents\x18\x02 \x03(\v2\x11.basalt.v1.ExtentR\aextents\x12\x12\n" +
-	"\x04data\x18\x03 \x03(\fR\x04data\"\xcc\x01\n" +
+	"\x04data\x18\x03 \x03(\fR\x04data\"\xe4\x01\n" +
 	"\x11PushObjectRequest\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x18\n" +
 	"\aprimary\x18\x02 \x01(\tR\aprimary\x12,\n" +
 	"\x06object\x18\x03 \x01(\v2\x14.basalt.v1.ObjectRefR\x06object\x12\x18\n" +
 	"\aversion\x18\x04 \x01(\x04R\aversion\x12+\n" +
 	"\aextents\x18\x05 \x03(\v2\x11.basalt.v1.ExtentR\aextents\x12\x12\n" +
-	"\x04data\x18\x06 \x03(\fR\x04data\"\x14\n" +
+	"\x04data\x18\x06 \x03(\fR\x04data\x12\x16\n" +
+	"\x06repair\x18\a \x01(\bR\x06repair\"\x14\n" +
 	"\x12PushObjectResponse*s\n" +
 	"\aBlockOp\x12\x18\n" +
 	"\x14BLOCK_OP_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rBLOCK_OP_READ\x10\x01\x12\x12\n" +
 	"\x0eBLOCK_OP_WRITE\x10\x02\x12\x11\n" +
 	"\rBLOCK_OP_TRIM\x10\x03\x12\x14\n" +
-	"\x10BLOCK_OP_EXTENTS\x10\x042\xb2\x03\n" +
+	"\x10BLOCK_OP_EXTENTS\x10\x042\xee\x03\n" +
 	"\fBlockService\x12C\n" +
 	"\bClientOp\x12\x1a.basalt.v1.ClientOpRequest\x1a\x1b.basalt.v1.ClientOpResponse\x12F\n" +
 	"\tReplicate\x12\x1b.basalt.v1.ReplicateRequest\x1a\x1c.basalt.v1.ReplicateResponse\x127\n" +
@@ -1053,7 +1218,8 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\n" +
 	"ReadObject\x12\x1c.basalt.v1.ReadObjectRequest\x1a\x1d.basalt.v1.ReadObjectResponse\x12I\n" +
 	"\n" +
-	"PushObject\x12\x1c.basalt.v1.PushObjectRequest\x1a\x1d.basalt.v1.PushObjectResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
+	"PushObject\x12\x1c.basalt.v1.PushObjectRequest\x1a\x1d.basalt.v1.PushObjectResponse\x12:\n" +
+	"\x05Scrub\x12\x17.basalt.v1.ScrubRequest\x1a\x18.basalt.v1.ScrubResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
 
 var (
 	file_basalt_v1_blockd_proto_rawDescOnce sync.Once
@@ -1068,51 +1234,55 @@ func file_basalt_v1_blockd_proto_rawDescGZIP() []byte {
 }
 
 var file_basalt_v1_blockd_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_basalt_v1_blockd_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_basalt_v1_blockd_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_basalt_v1_blockd_proto_goTypes = []any{
 	(BlockOp)(0),               // 0: basalt.v1.BlockOp
-	(*ObjectRef)(nil),          // 1: basalt.v1.ObjectRef
-	(*ClientOpRequest)(nil),    // 2: basalt.v1.ClientOpRequest
-	(*Extent)(nil),             // 3: basalt.v1.Extent
-	(*ClientOpResponse)(nil),   // 4: basalt.v1.ClientOpResponse
-	(*ReplicateRequest)(nil),   // 5: basalt.v1.ReplicateRequest
-	(*ReplicateResponse)(nil),  // 6: basalt.v1.ReplicateResponse
-	(*SyncRequest)(nil),        // 7: basalt.v1.SyncRequest
-	(*SyncResponse)(nil),       // 8: basalt.v1.SyncResponse
-	(*PGObjectsRequest)(nil),   // 9: basalt.v1.PGObjectsRequest
-	(*ObjectVersion)(nil),      // 10: basalt.v1.ObjectVersion
-	(*PGObjectsResponse)(nil),  // 11: basalt.v1.PGObjectsResponse
-	(*ReadObjectRequest)(nil),  // 12: basalt.v1.ReadObjectRequest
-	(*ReadObjectResponse)(nil), // 13: basalt.v1.ReadObjectResponse
-	(*PushObjectRequest)(nil),  // 14: basalt.v1.PushObjectRequest
-	(*PushObjectResponse)(nil), // 15: basalt.v1.PushObjectResponse
+	(*ScrubRequest)(nil),       // 1: basalt.v1.ScrubRequest
+	(*ScrubResponse)(nil),      // 2: basalt.v1.ScrubResponse
+	(*ObjectRef)(nil),          // 3: basalt.v1.ObjectRef
+	(*ClientOpRequest)(nil),    // 4: basalt.v1.ClientOpRequest
+	(*Extent)(nil),             // 5: basalt.v1.Extent
+	(*ClientOpResponse)(nil),   // 6: basalt.v1.ClientOpResponse
+	(*ReplicateRequest)(nil),   // 7: basalt.v1.ReplicateRequest
+	(*ReplicateResponse)(nil),  // 8: basalt.v1.ReplicateResponse
+	(*SyncRequest)(nil),        // 9: basalt.v1.SyncRequest
+	(*SyncResponse)(nil),       // 10: basalt.v1.SyncResponse
+	(*PGObjectsRequest)(nil),   // 11: basalt.v1.PGObjectsRequest
+	(*ObjectVersion)(nil),      // 12: basalt.v1.ObjectVersion
+	(*PGObjectsResponse)(nil),  // 13: basalt.v1.PGObjectsResponse
+	(*ReadObjectRequest)(nil),  // 14: basalt.v1.ReadObjectRequest
+	(*ReadObjectResponse)(nil), // 15: basalt.v1.ReadObjectResponse
+	(*PushObjectRequest)(nil),  // 16: basalt.v1.PushObjectRequest
+	(*PushObjectResponse)(nil), // 17: basalt.v1.PushObjectResponse
 }
 var file_basalt_v1_blockd_proto_depIdxs = []int32{
-	1,  // 0: basalt.v1.ClientOpRequest.object:type_name -> basalt.v1.ObjectRef
+	3,  // 0: basalt.v1.ClientOpRequest.object:type_name -> basalt.v1.ObjectRef
 	0,  // 1: basalt.v1.ClientOpRequest.op:type_name -> basalt.v1.BlockOp
-	3,  // 2: basalt.v1.ClientOpResponse.extents:type_name -> basalt.v1.Extent
-	1,  // 3: basalt.v1.ReplicateRequest.object:type_name -> basalt.v1.ObjectRef
+	5,  // 2: basalt.v1.ClientOpResponse.extents:type_name -> basalt.v1.Extent
+	3,  // 3: basalt.v1.ReplicateRequest.object:type_name -> basalt.v1.ObjectRef
 	0,  // 4: basalt.v1.ReplicateRequest.op:type_name -> basalt.v1.BlockOp
-	1,  // 5: basalt.v1.ObjectVersion.object:type_name -> basalt.v1.ObjectRef
-	10, // 6: basalt.v1.PGObjectsResponse.objects:type_name -> basalt.v1.ObjectVersion
-	1,  // 7: basalt.v1.ReadObjectRequest.object:type_name -> basalt.v1.ObjectRef
-	3,  // 8: basalt.v1.ReadObjectResponse.extents:type_name -> basalt.v1.Extent
-	1,  // 9: basalt.v1.PushObjectRequest.object:type_name -> basalt.v1.ObjectRef
-	3,  // 10: basalt.v1.PushObjectRequest.extents:type_name -> basalt.v1.Extent
-	2,  // 11: basalt.v1.BlockService.ClientOp:input_type -> basalt.v1.ClientOpRequest
-	5,  // 12: basalt.v1.BlockService.Replicate:input_type -> basalt.v1.ReplicateRequest
-	7,  // 13: basalt.v1.BlockService.Sync:input_type -> basalt.v1.SyncRequest
-	9,  // 14: basalt.v1.BlockService.PGObjects:input_type -> basalt.v1.PGObjectsRequest
-	12, // 15: basalt.v1.BlockService.ReadObject:input_type -> basalt.v1.ReadObjectRequest
-	14, // 16: basalt.v1.BlockService.PushObject:input_type -> basalt.v1.PushObjectRequest
-	4,  // 17: basalt.v1.BlockService.ClientOp:output_type -> basalt.v1.ClientOpResponse
-	6,  // 18: basalt.v1.BlockService.Replicate:output_type -> basalt.v1.ReplicateResponse
-	8,  // 19: basalt.v1.BlockService.Sync:output_type -> basalt.v1.SyncResponse
-	11, // 20: basalt.v1.BlockService.PGObjects:output_type -> basalt.v1.PGObjectsResponse
-	13, // 21: basalt.v1.BlockService.ReadObject:output_type -> basalt.v1.ReadObjectResponse
-	15, // 22: basalt.v1.BlockService.PushObject:output_type -> basalt.v1.PushObjectResponse
-	17, // [17:23] is the sub-list for method output_type
-	11, // [11:17] is the sub-list for method input_type
+	3,  // 5: basalt.v1.ObjectVersion.object:type_name -> basalt.v1.ObjectRef
+	12, // 6: basalt.v1.PGObjectsResponse.objects:type_name -> basalt.v1.ObjectVersion
+	3,  // 7: basalt.v1.ReadObjectRequest.object:type_name -> basalt.v1.ObjectRef
+	5,  // 8: basalt.v1.ReadObjectResponse.extents:type_name -> basalt.v1.Extent
+	3,  // 9: basalt.v1.PushObjectRequest.object:type_name -> basalt.v1.ObjectRef
+	5,  // 10: basalt.v1.PushObjectRequest.extents:type_name -> basalt.v1.Extent
+	4,  // 11: basalt.v1.BlockService.ClientOp:input_type -> basalt.v1.ClientOpRequest
+	7,  // 12: basalt.v1.BlockService.Replicate:input_type -> basalt.v1.ReplicateRequest
+	9,  // 13: basalt.v1.BlockService.Sync:input_type -> basalt.v1.SyncRequest
+	11, // 14: basalt.v1.BlockService.PGObjects:input_type -> basalt.v1.PGObjectsRequest
+	14, // 15: basalt.v1.BlockService.ReadObject:input_type -> basalt.v1.ReadObjectRequest
+	16, // 16: basalt.v1.BlockService.PushObject:input_type -> basalt.v1.PushObjectRequest
+	1,  // 17: basalt.v1.BlockService.Scrub:input_type -> basalt.v1.ScrubRequest
+	6,  // 18: basalt.v1.BlockService.ClientOp:output_type -> basalt.v1.ClientOpResponse
+	8,  // 19: basalt.v1.BlockService.Replicate:output_type -> basalt.v1.ReplicateResponse
+	10, // 20: basalt.v1.BlockService.Sync:output_type -> basalt.v1.SyncResponse
+	13, // 21: basalt.v1.BlockService.PGObjects:output_type -> basalt.v1.PGObjectsResponse
+	15, // 22: basalt.v1.BlockService.ReadObject:output_type -> basalt.v1.ReadObjectResponse
+	17, // 23: basalt.v1.BlockService.PushObject:output_type -> basalt.v1.PushObjectResponse
+	2,  // 24: basalt.v1.BlockService.Scrub:output_type -> basalt.v1.ScrubResponse
+	18, // [18:25] is the sub-list for method output_type
+	11, // [11:18] is the sub-list for method input_type
 	11, // [11:11] is the sub-list for extension type_name
 	11, // [11:11] is the sub-list for extension extendee
 	0,  // [0:11] is the sub-list for field type_name
@@ -1129,7 +1299,7 @@ func file_basalt_v1_blockd_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_blockd_proto_rawDesc), len(file_basalt_v1_blockd_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   15,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -25,6 +25,7 @@ const (
 	BlockService_PGObjects_FullMethodName  = "/basalt.v1.BlockService/PGObjects"
 	BlockService_ReadObject_FullMethodName = "/basalt.v1.BlockService/ReadObject"
 	BlockService_PushObject_FullMethodName = "/basalt.v1.BlockService/PushObject"
+	BlockService_Scrub_FullMethodName      = "/basalt.v1.BlockService/Scrub"
 )
 
 // BlockServiceClient is the client API for BlockService service.
@@ -46,8 +47,12 @@ type BlockServiceClient interface {
 	PGObjects(ctx context.Context, in *PGObjectsRequest, opts ...grpc.CallOption) (*PGObjectsResponse, error)
 	// ReadObject returns a whole object with its version, for peering and recovery.
 	ReadObject(ctx context.Context, in *ReadObjectRequest, opts ...grpc.CallOption) (*ReadObjectResponse, error)
-	// PushObject replaces a member's copy of an object with the primary's, if the primary's version is newer.
+	// PushObject replaces a member's copy of an object with the primary's, if the primary's version is newer (or
+	// the same, for a repair).
 	PushObject(ctx context.Context, in *PushObjectRequest, opts ...grpc.CallOption) (*PushObjectResponse, error)
+	// Scrub verifies the PGs this node is primary of: every block's checksum on every member, and every member's
+	// copy against the primary's; bad copies are repaired from good ones.
+	Scrub(ctx context.Context, in *ScrubRequest, opts ...grpc.CallOption) (*ScrubResponse, error)
 }
 
 type blockServiceClient struct {
@@ -118,6 +123,16 @@ func (c *blockServiceClient) PushObject(ctx context.Context, in *PushObjectReque
 	return out, nil
 }
 
+func (c *blockServiceClient) Scrub(ctx context.Context, in *ScrubRequest, opts ...grpc.CallOption) (*ScrubResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ScrubResponse)
+	err := c.cc.Invoke(ctx, BlockService_Scrub_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BlockServiceServer is the server API for BlockService service.
 // All implementations must embed UnimplementedBlockServiceServer
 // for forward compatibility.
@@ -137,8 +152,12 @@ type BlockServiceServer interface {
 	PGObjects(context.Context, *PGObjectsRequest) (*PGObjectsResponse, error)
 	// ReadObject returns a whole object with its version, for peering and recovery.
 	ReadObject(context.Context, *ReadObjectRequest) (*ReadObjectResponse, error)
-	// PushObject replaces a member's copy of an object with the primary's, if the primary's version is newer.
+	// PushObject replaces a member's copy of an object with the primary's, if the primary's version is newer (or
+	// the same, for a repair).
 	PushObject(context.Context, *PushObjectRequest) (*PushObjectResponse, error)
+	// Scrub verifies the PGs this node is primary of: every block's checksum on every member, and every member's
+	// copy against the primary's; bad copies are repaired from good ones.
+	Scrub(context.Context, *ScrubRequest) (*ScrubResponse, error)
 	mustEmbedUnimplementedBlockServiceServer()
 }
 
@@ -166,6 +185,9 @@ func (UnimplementedBlockServiceServer) ReadObject(context.Context, *ReadObjectRe
 }
 func (UnimplementedBlockServiceServer) PushObject(context.Context, *PushObjectRequest) (*PushObjectResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method PushObject not implemented")
+}
+func (UnimplementedBlockServiceServer) Scrub(context.Context, *ScrubRequest) (*ScrubResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Scrub not implemented")
 }
 func (UnimplementedBlockServiceServer) mustEmbedUnimplementedBlockServiceServer() {}
 func (UnimplementedBlockServiceServer) testEmbeddedByValue()                      {}
@@ -296,6 +318,24 @@ func _BlockService_PushObject_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BlockService_Scrub_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ScrubRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BlockServiceServer).Scrub(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BlockService_Scrub_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BlockServiceServer).Scrub(ctx, req.(*ScrubRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // BlockService_ServiceDesc is the grpc.ServiceDesc for BlockService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -326,6 +366,10 @@ var BlockService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "PushObject",
 			Handler:    _BlockService_PushObject_Handler,
+		},
+		{
+			MethodName: "Scrub",
+			Handler:    _BlockService_Scrub_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

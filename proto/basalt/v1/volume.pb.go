@@ -1088,6 +1088,152 @@ func (x *VolumeReplicaNode) GetPrimaryPgs() uint32 {
 	return 0
 }
 
+type ScrubVolumeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScrubVolumeRequest) Reset() {
+	*x = ScrubVolumeRequest{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubVolumeRequest) ProtoMessage() {}
+
+func (x *ScrubVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubVolumeRequest.ProtoReflect.Descriptor instead.
+func (*ScrubVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ScrubVolumeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ScrubVolumeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Storage nodes that scrubbed the PGs they are primary of.
+	Nodes      uint32 `protobuf:"varint,1,opt,name=nodes,proto3" json:"nodes,omitempty"`
+	Pgs        uint32 `protobuf:"varint,2,opt,name=pgs,proto3" json:"pgs,omitempty"`
+	Objects    uint64 `protobuf:"varint,3,opt,name=objects,proto3" json:"objects,omitempty"`
+	Corrupt    uint64 `protobuf:"varint,4,opt,name=corrupt,proto3" json:"corrupt,omitempty"`
+	Mismatched uint64 `protobuf:"varint,5,opt,name=mismatched,proto3" json:"mismatched,omitempty"`
+	Repaired   uint64 `protobuf:"varint,6,opt,name=repaired,proto3" json:"repaired,omitempty"`
+	Unrepaired uint64 `protobuf:"varint,7,opt,name=unrepaired,proto3" json:"unrepaired,omitempty"`
+	// Nodes that could not be asked (down, or failed), with the reason.
+	Errors        []string `protobuf:"bytes,8,rep,name=errors,proto3" json:"errors,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScrubVolumeResponse) Reset() {
+	*x = ScrubVolumeResponse{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubVolumeResponse) ProtoMessage() {}
+
+func (x *ScrubVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubVolumeResponse.ProtoReflect.Descriptor instead.
+func (*ScrubVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ScrubVolumeResponse) GetNodes() uint32 {
+	if x != nil {
+		return x.Nodes
+	}
+	return 0
+}
+
+func (x *ScrubVolumeResponse) GetPgs() uint32 {
+	if x != nil {
+		return x.Pgs
+	}
+	return 0
+}
+
+func (x *ScrubVolumeResponse) GetObjects() uint64 {
+	if x != nil {
+		return x.Objects
+	}
+	return 0
+}
+
+func (x *ScrubVolumeResponse) GetCorrupt() uint64 {
+	if x != nil {
+		return x.Corrupt
+	}
+	return 0
+}
+
+func (x *ScrubVolumeResponse) GetMismatched() uint64 {
+	if x != nil {
+		return x.Mismatched
+	}
+	return 0
+}
+
+func (x *ScrubVolumeResponse) GetRepaired() uint64 {
+	if x != nil {
+		return x.Repaired
+	}
+	return 0
+}
+
+func (x *ScrubVolumeResponse) GetUnrepaired() uint64 {
+	if x != nil {
+		return x.Unrepaired
+	}
+	return 0
+}
+
+func (x *ScrubVolumeResponse) GetErrors() []string {
+	if x != nil {
+		return x.Errors
+	}
+	return nil
+}
+
 var File_basalt_v1_volume_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_volume_proto_rawDesc = "" +
@@ -1174,13 +1320,29 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\x02in\x18\x04 \x01(\bR\x02in\x12\x10\n" +
 	"\x03pgs\x18\x05 \x01(\rR\x03pgs\x12\x1f\n" +
 	"\vprimary_pgs\x18\x06 \x01(\rR\n" +
-	"primaryPgs2\x8a\x05\n" +
+	"primaryPgs\"(\n" +
+	"\x12ScrubVolumeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xe5\x01\n" +
+	"\x13ScrubVolumeResponse\x12\x14\n" +
+	"\x05nodes\x18\x01 \x01(\rR\x05nodes\x12\x10\n" +
+	"\x03pgs\x18\x02 \x01(\rR\x03pgs\x12\x18\n" +
+	"\aobjects\x18\x03 \x01(\x04R\aobjects\x12\x18\n" +
+	"\acorrupt\x18\x04 \x01(\x04R\acorrupt\x12\x1e\n" +
+	"\n" +
+	"mismatched\x18\x05 \x01(\x04R\n" +
+	"mismatched\x12\x1a\n" +
+	"\brepaired\x18\x06 \x01(\x04R\brepaired\x12\x1e\n" +
+	"\n" +
+	"unrepaired\x18\a \x01(\x04R\n" +
+	"unrepaired\x12\x16\n" +
+	"\x06errors\x18\b \x03(\tR\x06errors2\xd8\x05\n" +
 	"\rVolumeService\x12A\n" +
 	"\fCreateVolume\x12\x1e.basalt.v1.CreateVolumeRequest\x1a\x11.basalt.v1.Volume\x12;\n" +
 	"\tGetVolume\x12\x1b.basalt.v1.GetVolumeRequest\x1a\x11.basalt.v1.Volume\x12L\n" +
 	"\vListVolumes\x12\x1d.basalt.v1.ListVolumesRequest\x1a\x1e.basalt.v1.ListVolumesResponse\x12O\n" +
 	"\fDeleteVolume\x12\x1e.basalt.v1.DeleteVolumeRequest\x1a\x1f.basalt.v1.DeleteVolumeResponse\x12A\n" +
-	"\fResizeVolume\x12\x1e.basalt.v1.ResizeVolumeRequest\x1a\x11.basalt.v1.Volume\x12G\n" +
+	"\fResizeVolume\x12\x1e.basalt.v1.ResizeVolumeRequest\x1a\x11.basalt.v1.Volume\x12L\n" +
+	"\vScrubVolume\x12\x1d.basalt.v1.ScrubVolumeRequest\x1a\x1e.basalt.v1.ScrubVolumeResponse\x12G\n" +
 	"\x0fGetVolumeStatus\x12\x1b.basalt.v1.GetVolumeRequest\x1a\x17.basalt.v1.VolumeStatus\x12;\n" +
 	"\n" +
 	"CreatePool\x12\x1c.basalt.v1.CreatePoolRequest\x1a\x0f.basalt.v1.Pool\x12F\n" +
@@ -1200,7 +1362,7 @@ func file_basalt_v1_volume_proto_rawDescGZIP() []byte {
 	return file_basalt_v1_volume_proto_rawDescData
 }
 
-var file_basalt_v1_volume_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_basalt_v1_volume_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_basalt_v1_volume_proto_goTypes = []any{
 	(*Volume)(nil),                // 0: basalt.v1.Volume
 	(*CreateVolumeRequest)(nil),   // 1: basalt.v1.CreateVolumeRequest
@@ -1219,35 +1381,39 @@ var file_basalt_v1_volume_proto_goTypes = []any{
 	(*VolumeStatus)(nil),          // 14: basalt.v1.VolumeStatus
 	(*PGRecovery)(nil),            // 15: basalt.v1.PGRecovery
 	(*VolumeReplicaNode)(nil),     // 16: basalt.v1.VolumeReplicaNode
-	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
+	(*ScrubVolumeRequest)(nil),    // 17: basalt.v1.ScrubVolumeRequest
+	(*ScrubVolumeResponse)(nil),   // 18: basalt.v1.ScrubVolumeResponse
+	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
 }
 var file_basalt_v1_volume_proto_depIdxs = []int32{
-	17, // 0: basalt.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	19, // 0: basalt.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
 	0,  // 1: basalt.v1.ListVolumesResponse.volumes:type_name -> basalt.v1.Volume
 	8,  // 2: basalt.v1.ListPoolsResponse.pools:type_name -> basalt.v1.Pool
 	0,  // 3: basalt.v1.VolumeStatus.volume:type_name -> basalt.v1.Volume
 	16, // 4: basalt.v1.VolumeStatus.nodes:type_name -> basalt.v1.VolumeReplicaNode
-	17, // 5: basalt.v1.PGRecovery.updated_at:type_name -> google.protobuf.Timestamp
+	19, // 5: basalt.v1.PGRecovery.updated_at:type_name -> google.protobuf.Timestamp
 	1,  // 6: basalt.v1.VolumeService.CreateVolume:input_type -> basalt.v1.CreateVolumeRequest
 	2,  // 7: basalt.v1.VolumeService.GetVolume:input_type -> basalt.v1.GetVolumeRequest
 	3,  // 8: basalt.v1.VolumeService.ListVolumes:input_type -> basalt.v1.ListVolumesRequest
 	5,  // 9: basalt.v1.VolumeService.DeleteVolume:input_type -> basalt.v1.DeleteVolumeRequest
 	7,  // 10: basalt.v1.VolumeService.ResizeVolume:input_type -> basalt.v1.ResizeVolumeRequest
-	2,  // 11: basalt.v1.VolumeService.GetVolumeStatus:input_type -> basalt.v1.GetVolumeRequest
-	9,  // 12: basalt.v1.VolumeService.CreatePool:input_type -> basalt.v1.CreatePoolRequest
-	10, // 13: basalt.v1.VolumeService.ListPools:input_type -> basalt.v1.ListPoolsRequest
-	12, // 14: basalt.v1.VolumeService.DeletePool:input_type -> basalt.v1.DeletePoolRequest
-	0,  // 15: basalt.v1.VolumeService.CreateVolume:output_type -> basalt.v1.Volume
-	0,  // 16: basalt.v1.VolumeService.GetVolume:output_type -> basalt.v1.Volume
-	4,  // 17: basalt.v1.VolumeService.ListVolumes:output_type -> basalt.v1.ListVolumesResponse
-	6,  // 18: basalt.v1.VolumeService.DeleteVolume:output_type -> basalt.v1.DeleteVolumeResponse
-	0,  // 19: basalt.v1.VolumeService.ResizeVolume:output_type -> basalt.v1.Volume
-	14, // 20: basalt.v1.VolumeService.GetVolumeStatus:output_type -> basalt.v1.VolumeStatus
-	8,  // 21: basalt.v1.VolumeService.CreatePool:output_type -> basalt.v1.Pool
-	11, // 22: basalt.v1.VolumeService.ListPools:output_type -> basalt.v1.ListPoolsResponse
-	13, // 23: basalt.v1.VolumeService.DeletePool:output_type -> basalt.v1.DeletePoolResponse
-	15, // [15:24] is the sub-list for method output_type
-	6,  // [6:15] is the sub-list for method input_type
+	17, // 11: basalt.v1.VolumeService.ScrubVolume:input_type -> basalt.v1.ScrubVolumeRequest
+	2,  // 12: basalt.v1.VolumeService.GetVolumeStatus:input_type -> basalt.v1.GetVolumeRequest
+	9,  // 13: basalt.v1.VolumeService.CreatePool:input_type -> basalt.v1.CreatePoolRequest
+	10, // 14: basalt.v1.VolumeService.ListPools:input_type -> basalt.v1.ListPoolsRequest
+	12, // 15: basalt.v1.VolumeService.DeletePool:input_type -> basalt.v1.DeletePoolRequest
+	0,  // 16: basalt.v1.VolumeService.CreateVolume:output_type -> basalt.v1.Volume
+	0,  // 17: basalt.v1.VolumeService.GetVolume:output_type -> basalt.v1.Volume
+	4,  // 18: basalt.v1.VolumeService.ListVolumes:output_type -> basalt.v1.ListVolumesResponse
+	6,  // 19: basalt.v1.VolumeService.DeleteVolume:output_type -> basalt.v1.DeleteVolumeResponse
+	0,  // 20: basalt.v1.VolumeService.ResizeVolume:output_type -> basalt.v1.Volume
+	18, // 21: basalt.v1.VolumeService.ScrubVolume:output_type -> basalt.v1.ScrubVolumeResponse
+	14, // 22: basalt.v1.VolumeService.GetVolumeStatus:output_type -> basalt.v1.VolumeStatus
+	8,  // 23: basalt.v1.VolumeService.CreatePool:output_type -> basalt.v1.Pool
+	11, // 24: basalt.v1.VolumeService.ListPools:output_type -> basalt.v1.ListPoolsResponse
+	13, // 25: basalt.v1.VolumeService.DeletePool:output_type -> basalt.v1.DeletePoolResponse
+	16, // [16:26] is the sub-list for method output_type
+	6,  // [6:16] is the sub-list for method input_type
 	6,  // [6:6] is the sub-list for extension type_name
 	6,  // [6:6] is the sub-list for extension extendee
 	0,  // [0:6] is the sub-list for field type_name
@@ -1264,7 +1430,7 @@ func file_basalt_v1_volume_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_volume_proto_rawDesc), len(file_basalt_v1_volume_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

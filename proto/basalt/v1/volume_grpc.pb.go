@@ -24,6 +24,7 @@ const (
 	VolumeService_ListVolumes_FullMethodName     = "/basalt.v1.VolumeService/ListVolumes"
 	VolumeService_DeleteVolume_FullMethodName    = "/basalt.v1.VolumeService/DeleteVolume"
 	VolumeService_ResizeVolume_FullMethodName    = "/basalt.v1.VolumeService/ResizeVolume"
+	VolumeService_ScrubVolume_FullMethodName     = "/basalt.v1.VolumeService/ScrubVolume"
 	VolumeService_GetVolumeStatus_FullMethodName = "/basalt.v1.VolumeService/GetVolumeStatus"
 	VolumeService_CreatePool_FullMethodName      = "/basalt.v1.VolumeService/CreatePool"
 	VolumeService_ListPools_FullMethodName       = "/basalt.v1.VolumeService/ListPools"
@@ -43,6 +44,8 @@ type VolumeServiceClient interface {
 	DeleteVolume(ctx context.Context, in *DeleteVolumeRequest, opts ...grpc.CallOption) (*DeleteVolumeResponse, error)
 	// ResizeVolume grows or shrinks a volume online. Shrinking below written data needs `force`.
 	ResizeVolume(ctx context.Context, in *ResizeVolumeRequest, opts ...grpc.CallOption) (*Volume, error)
+	// ScrubVolume verifies every copy of every block of the volume and repairs bad copies from good ones.
+	ScrubVolume(ctx context.Context, in *ScrubVolumeRequest, opts ...grpc.CallOption) (*ScrubVolumeResponse, error)
 	// GetVolumeStatus reports where the volume's data lives and how healthy its placement groups are.
 	GetVolumeStatus(ctx context.Context, in *GetVolumeRequest, opts ...grpc.CallOption) (*VolumeStatus, error)
 	CreatePool(ctx context.Context, in *CreatePoolRequest, opts ...grpc.CallOption) (*Pool, error)
@@ -108,6 +111,16 @@ func (c *volumeServiceClient) ResizeVolume(ctx context.Context, in *ResizeVolume
 	return out, nil
 }
 
+func (c *volumeServiceClient) ScrubVolume(ctx context.Context, in *ScrubVolumeRequest, opts ...grpc.CallOption) (*ScrubVolumeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ScrubVolumeResponse)
+	err := c.cc.Invoke(ctx, VolumeService_ScrubVolume_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *volumeServiceClient) GetVolumeStatus(ctx context.Context, in *GetVolumeRequest, opts ...grpc.CallOption) (*VolumeStatus, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(VolumeStatus)
@@ -161,6 +174,8 @@ type VolumeServiceServer interface {
 	DeleteVolume(context.Context, *DeleteVolumeRequest) (*DeleteVolumeResponse, error)
 	// ResizeVolume grows or shrinks a volume online. Shrinking below written data needs `force`.
 	ResizeVolume(context.Context, *ResizeVolumeRequest) (*Volume, error)
+	// ScrubVolume verifies every copy of every block of the volume and repairs bad copies from good ones.
+	ScrubVolume(context.Context, *ScrubVolumeRequest) (*ScrubVolumeResponse, error)
 	// GetVolumeStatus reports where the volume's data lives and how healthy its placement groups are.
 	GetVolumeStatus(context.Context, *GetVolumeRequest) (*VolumeStatus, error)
 	CreatePool(context.Context, *CreatePoolRequest) (*Pool, error)
@@ -190,6 +205,9 @@ func (UnimplementedVolumeServiceServer) DeleteVolume(context.Context, *DeleteVol
 }
 func (UnimplementedVolumeServiceServer) ResizeVolume(context.Context, *ResizeVolumeRequest) (*Volume, error) {
 	return nil, status.Error(codes.Unimplemented, "method ResizeVolume not implemented")
+}
+func (UnimplementedVolumeServiceServer) ScrubVolume(context.Context, *ScrubVolumeRequest) (*ScrubVolumeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ScrubVolume not implemented")
 }
 func (UnimplementedVolumeServiceServer) GetVolumeStatus(context.Context, *GetVolumeRequest) (*VolumeStatus, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetVolumeStatus not implemented")
@@ -314,6 +332,24 @@ func _VolumeService_ResizeVolume_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VolumeService_ScrubVolume_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ScrubVolumeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).ScrubVolume(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_ScrubVolume_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).ScrubVolume(ctx, req.(*ScrubVolumeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _VolumeService_GetVolumeStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetVolumeRequest)
 	if err := dec(in); err != nil {
@@ -412,6 +448,10 @@ var VolumeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ResizeVolume",
 			Handler:    _VolumeService_ResizeVolume_Handler,
+		},
+		{
+			MethodName: "ScrubVolume",
+			Handler:    _VolumeService_ScrubVolume_Handler,
 		},
 		{
 			MethodName: "GetVolumeStatus",
