@@ -28,8 +28,10 @@ const PeeringTimeout = 2 * time.Minute
 func (o *OSD) Run(ctx context.Context) {
 	retry := time.NewTicker(5 * time.Second)
 	defer retry.Stop()
+	var trimming sync.Mutex
 	for {
 		changed := o.view.Changed()
+		go o.trimPastEnd(ctx, &trimming)
 		m := o.view.Map()
 		for _, pool := range m.GetPools() {
 			for num := range pool.GetPgCount() {

@@ -172,8 +172,9 @@ func (v *VolumeServer) DeleteVolume(ctx context.Context, r *basaltv1.DeleteVolum
 	return &basaltv1.DeleteVolumeResponse{}, nil
 }
 
-// ResizeVolume changes a volume's size. Growing is always safe. Shrinking needs force: this build cannot yet
-// tell whether data was written past the new end, so it assumes it was.
+// ResizeVolume changes a volume's size online. Growing is always safe. Shrinking needs force if any storage
+// node holds data past the new end, or if a storage node cannot be asked; the data past the end is then
+// trimmed by the PGs' primaries.
 func (v *VolumeServer) ResizeVolume(ctx context.Context, r *basaltv1.ResizeVolumeRequest) (*basaltv1.Volume, error) {
 	rec, err := v.get(ctx, r.GetName())
 	if err != nil {
@@ -185,7 +186,9 @@ func (v *VolumeServer) ResizeVolume(ctx context.Context, r *basaltv1.ResizeVolum
 		return nil, invalid("size %d: want a multiple of the %d-byte sector size between %d and %d (1 EiB)", size, vol.GetSectorSize(), vol.GetSectorSize(), uint64(MaxVolumeSize))
 	}
 	if size < vol.GetSizeBytes() && !r.GetForce() {
-		return nil, status.Errorf(codes.FailedPrecondition, "shrinking %s from %d to %d bytes discards everything written past byte %d; pass --force to shrink anyway", vol.GetName(), vol.GetSizeBytes(), size, size)
+		if err := v.checkNoDataFrom(ctx, vol, size); err != nil {
+			return nil, err
+		}
 	}
 	vol.SizeBytes = size
 	vol.Revision = 0
@@ -410,4 +413,36 @@ func (v *VolumeServer) ScrubVolume(ctx context.Context, r *basaltv1.ScrubVolumeR
 	}
 	slices.Sort(out.Errors)
 	return out, nil
+}
+
+// checkNoDataFrom refuses a shrink that would cut written data, asking every storage node in the cluster map.
+func (v *VolumeServer) checkNoDataFrom(ctx context.Context, vol *basaltv1.Volume, from uint64) error {
+	m, err := clustermap.Get(ctx, v.Store)
+	if err != nil {
+		return toStatus(err)
+	}
+	for _, n := range m.GetNodes() {
+		if !n.GetIn() {
+			continue // its data has been re-placed on nodes that are in
+		}
+		refuse := func(why string) error {
+			return status.Errorf(codes.FailedPrecondition, "shrinking %s to %d bytes: %s; pass --force to shrink anyway (the data past the end is discarded)", vol.GetName(), from, why)
+		}
+		if !n.GetUp() {
+			return refuse(fmt.Sprintf("storage node %s is down, so it cannot be checked for data past the new end", n.GetId()))
+		}
+		conn, err := grpc.NewClient(n.GetAddress(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return refuse(fmt.Sprintf("cannot ask %s: %v", n.GetId(), err))
+		}
+		resp, err := basaltv1.NewBlockServiceClient(conn).HasData(ctx, &basaltv1.HasDataRequest{Volume: vol.GetId(), From: from})
+		conn.Close()
+		if err != nil {
+			return refuse(fmt.Sprintf("cannot ask %s: %s", n.GetId(), status.Convert(err).Message()))
+		}
+		if resp.GetHasData() {
+			return refuse(fmt.Sprintf("data was written past byte %d", from))
+		}
+	}
+	return nil
 }

@@ -28,11 +28,11 @@ type Job struct {
 // that reads find data.
 func Jobs() []Job {
 	return []Job{
-	{Name: "1M seq write QD8", RW: "write", BS: "1M", IODepth: 8, Metric: "mbps"},
-	{Name: "4K rand read QD32", RW: "randread", BS: "4k", IODepth: 32, Metric: "iops"},
-	{Name: "4K rand write QD32", RW: "randwrite", BS: "4k", IODepth: 32, Metric: "iops"},
-	{Name: "4K rand read QD1", RW: "randread", BS: "4k", IODepth: 1, Metric: "lat"},
-	{Name: "4K rand write QD1", RW: "randwrite", BS: "4k", IODepth: 1, Metric: "lat"},
+		{Name: "1M seq write QD8", RW: "write", BS: "1M", IODepth: 8, Metric: "mbps"},
+		{Name: "4K rand read QD32", RW: "randread", BS: "4k", IODepth: 32, Metric: "iops"},
+		{Name: "4K rand write QD32", RW: "randwrite", BS: "4k", IODepth: 32, Metric: "iops"},
+		{Name: "4K rand read QD1", RW: "randread", BS: "4k", IODepth: 1, Metric: "lat"},
+		{Name: "4K rand write QD1", RW: "randwrite", BS: "4k", IODepth: 1, Metric: "lat"},
 	}
 }
 
@@ -58,7 +58,7 @@ func (r Result) Value(metric string) float64 {
 func ParseFio(r io.Reader) (Result, error) {
 	var out struct {
 		Jobs []struct {
-			Error int `json:"error"`
+			Error int  `json:"error"`
 			Read  side `json:"read"`
 			Write side `json:"write"`
 		} `json:"jobs"`

@@ -164,9 +164,11 @@ func (a *app) volumeResizeCmd() *cobra.Command {
 	var size string
 	var force bool
 	cmd := &cobra.Command{
-		Use:               "resize NAME --size SIZE",
-		Short:             "Grow or shrink a volume online",
-		Long:              "resize changes a volume's size while it stays attached. Shrinking discards data past the new end and needs --force.",
+		Use:   "resize NAME --size SIZE",
+		Short: "Grow or shrink a volume online",
+		Long: `resize changes a volume's size while it stays attached. Connected NBD clients see the new size when they
+reconnect. A shrink that would cut written data (or that cannot be checked, because a storage node is down)
+needs --force; the data past the new end is then discarded.`,
 		Args:              exactArgs(1, "one volume name"),
 		ValidArgsFunction: a.completeVolumes,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -187,7 +189,7 @@ func (a *app) volumeResizeCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&size, "size", "", "new size, in bytes or with a unit: 512M, 20G, 1T")
-	cmd.Flags().BoolVar(&force, "force", false, "allow shrinking, which discards data past the new end")
+	cmd.Flags().BoolVar(&force, "force", false, "shrink even if that discards data written past the new end")
 	cmd.MarkFlagRequired("size")
 	return cmd
 }

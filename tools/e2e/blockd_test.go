@@ -509,3 +509,61 @@ func objectZeroPlacement(t *testing.T, e *env, dataDir, volume string) (primary,
 	}
 	return acting[0].GetId(), acting[1].GetId()
 }
+
+// TestShrinkAsksForForceOnlyWhenItCutsData: a shrink that would cut written data needs --force; one that cuts
+// nothing does not; after a forced shrink and a grow, the cut range reads as zeros (the data past the end was
+// trimmed, through the replicated path).
+func TestShrinkAsksForForceOnlyWhenItCutsData(t *testing.T) {
+	if testing.Short() {
+		t.Skip("slow")
+	}
+	needTool(t, "qemu-io", "qemu-utils")
+	e := newEnv(t)
+	base := freeBase(t, 3)
+	e.up(t.TempDir(), "--base-port", itoa(base), "--lease-ttl", "2s")
+	e.waitNodes("every node up", 10*time.Second, allUp(fullCluster...))
+	if _, errOut, code := e.basalt(nil, "volume", "create", "sh", "--size", "64M"); code != 0 {
+		t.Fatalf("volume create: %s", errOut)
+	}
+	uri := fmt.Sprintf("nbd://127.0.0.1:%d/sh", base+11)
+	q := startQemuIO(t, uri)
+	for _, w := range []string{"write -P 7 0 1M", "write -P 9 40M 1M"} {
+		if line, err := q.run(w); err != nil || !strings.HasPrefix(line, "wrote ") {
+			t.Fatalf("%s: %s %v", w, line, err)
+		}
+	}
+	if err := q.close(60 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	_, errOut, code := e.basalt(nil, "volume", "resize", "sh", "--size", "32M")
+	oneLine(t, "shrink that cuts data", errOut, code, 1, "data was written past byte 33554432")
+	if _, errOut, code := e.basalt(nil, "volume", "resize", "sh", "--size", "48M"); code != 0 {
+		t.Fatalf("a shrink that cuts nothing was refused: %s", errOut)
+	}
+	if _, errOut, code := e.basalt(nil, "volume", "resize", "sh", "--size", "32M", "--force"); code != 0 {
+		t.Fatalf("forced shrink: %s", errOut)
+	}
+	// The primaries trim what lies past the end (the MiB at 40M). Until they have, a shrink to 16M without
+	// --force is refused (data past 16M); once they have, only MiB 0 remains and it is allowed.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		_, errOut, code := e.basalt(nil, "volume", "resize", "sh", "--size", "16M")
+		if code == 0 {
+			break
+		}
+		if !strings.Contains(errOut, "past byte 16777216") || time.Now().After(deadline) {
+			t.Fatalf("data past the end not trimmed within 20s: %s", errOut)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// Grow back: the old bytes must not return.
+	if _, errOut, code := e.basalt(nil, "volume", "resize", "sh", "--size", "64M"); code != 0 {
+		t.Fatalf("grow: %s", errOut)
+	}
+	r := startQemuIO(t, uri)
+	for _, c := range []string{"read -P 7 0 1M", "read -P 0 40M 1M"} {
+		if line, err := r.run(c); err != nil || !strings.HasPrefix(line, "read ") {
+			t.Fatalf("after shrink and grow, %s: %s %v", c, line, err)
+		}
+	}
+}

@@ -76,6 +76,102 @@ func (BlockOp) EnumDescriptor() ([]byte, []int) {
 	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{0}
 }
 
+type HasDataRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        uint64                 `protobuf:"varint,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	From          uint64                 `protobuf:"varint,2,opt,name=from,proto3" json:"from,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HasDataRequest) Reset() {
+	*x = HasDataRequest{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HasDataRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HasDataRequest) ProtoMessage() {}
+
+func (x *HasDataRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HasDataRequest.ProtoReflect.Descriptor instead.
+func (*HasDataRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *HasDataRequest) GetVolume() uint64 {
+	if x != nil {
+		return x.Volume
+	}
+	return 0
+}
+
+func (x *HasDataRequest) GetFrom() uint64 {
+	if x != nil {
+		return x.From
+	}
+	return 0
+}
+
+type HasDataResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	HasData       bool                   `protobuf:"varint,1,opt,name=has_data,json=hasData,proto3" json:"has_data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HasDataResponse) Reset() {
+	*x = HasDataResponse{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HasDataResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HasDataResponse) ProtoMessage() {}
+
+func (x *HasDataResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HasDataResponse.ProtoReflect.Descriptor instead.
+func (*HasDataResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *HasDataResponse) GetHasData() bool {
+	if x != nil {
+		return x.HasData
+	}
+	return false
+}
+
 type ScrubRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Only this volume's objects; 0 scrubs every volume.
@@ -86,7 +182,7 @@ type ScrubRequest struct {
 
 func (x *ScrubRequest) Reset() {
 	*x = ScrubRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -98,7 +194,7 @@ func (x *ScrubRequest) String() string {
 func (*ScrubRequest) ProtoMessage() {}
 
 func (x *ScrubRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -111,7 +207,7 @@ func (x *ScrubRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScrubRequest.ProtoReflect.Descriptor instead.
 func (*ScrubRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{0}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ScrubRequest) GetVolume() uint64 {
@@ -138,7 +234,7 @@ type ScrubResponse struct {
 
 func (x *ScrubResponse) Reset() {
 	*x = ScrubResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -150,7 +246,7 @@ func (x *ScrubResponse) String() string {
 func (*ScrubResponse) ProtoMessage() {}
 
 func (x *ScrubResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -163,7 +259,7 @@ func (x *ScrubResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScrubResponse.ProtoReflect.Descriptor instead.
 func (*ScrubResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{1}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ScrubResponse) GetPgs() uint32 {
@@ -218,7 +314,7 @@ type ObjectRef struct {
 
 func (x *ObjectRef) Reset() {
 	*x = ObjectRef{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -230,7 +326,7 @@ func (x *ObjectRef) String() string {
 func (*ObjectRef) ProtoMessage() {}
 
 func (x *ObjectRef) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -243,7 +339,7 @@ func (x *ObjectRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectRef.ProtoReflect.Descriptor instead.
 func (*ObjectRef) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{2}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ObjectRef) GetVolume() uint64 {
@@ -277,7 +373,7 @@ type ClientOpRequest struct {
 
 func (x *ClientOpRequest) Reset() {
 	*x = ClientOpRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -289,7 +385,7 @@ func (x *ClientOpRequest) String() string {
 func (*ClientOpRequest) ProtoMessage() {}
 
 func (x *ClientOpRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -302,7 +398,7 @@ func (x *ClientOpRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClientOpRequest.ProtoReflect.Descriptor instead.
 func (*ClientOpRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{3}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ClientOpRequest) GetEpoch() uint64 {
@@ -365,7 +461,7 @@ type Extent struct {
 
 func (x *Extent) Reset() {
 	*x = Extent{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -377,7 +473,7 @@ func (x *Extent) String() string {
 func (*Extent) ProtoMessage() {}
 
 func (x *Extent) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -390,7 +486,7 @@ func (x *Extent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Extent.ProtoReflect.Descriptor instead.
 func (*Extent) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{4}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Extent) GetOffset() int64 {
@@ -425,7 +521,7 @@ type ClientOpResponse struct {
 
 func (x *ClientOpResponse) Reset() {
 	*x = ClientOpResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -437,7 +533,7 @@ func (x *ClientOpResponse) String() string {
 func (*ClientOpResponse) ProtoMessage() {}
 
 func (x *ClientOpResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -450,7 +546,7 @@ func (x *ClientOpResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClientOpResponse.ProtoReflect.Descriptor instead.
 func (*ClientOpResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{5}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ClientOpResponse) GetData() []byte {
@@ -492,7 +588,7 @@ type ReplicateRequest struct {
 
 func (x *ReplicateRequest) Reset() {
 	*x = ReplicateRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -504,7 +600,7 @@ func (x *ReplicateRequest) String() string {
 func (*ReplicateRequest) ProtoMessage() {}
 
 func (x *ReplicateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -517,7 +613,7 @@ func (x *ReplicateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateRequest.ProtoReflect.Descriptor instead.
 func (*ReplicateRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{6}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ReplicateRequest) GetEpoch() uint64 {
@@ -591,7 +687,7 @@ type ReplicateResponse struct {
 
 func (x *ReplicateResponse) Reset() {
 	*x = ReplicateResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -603,7 +699,7 @@ func (x *ReplicateResponse) String() string {
 func (*ReplicateResponse) ProtoMessage() {}
 
 func (x *ReplicateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -616,7 +712,7 @@ func (x *ReplicateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateResponse.ProtoReflect.Descriptor instead.
 func (*ReplicateResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{7}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{9}
 }
 
 type SyncRequest struct {
@@ -627,7 +723,7 @@ type SyncRequest struct {
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -639,7 +735,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -652,7 +748,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{8}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{10}
 }
 
 type SyncResponse struct {
@@ -663,7 +759,7 @@ type SyncResponse struct {
 
 func (x *SyncResponse) Reset() {
 	*x = SyncResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -675,7 +771,7 @@ func (x *SyncResponse) String() string {
 func (*SyncResponse) ProtoMessage() {}
 
 func (x *SyncResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -688,7 +784,7 @@ func (x *SyncResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncResponse.ProtoReflect.Descriptor instead.
 func (*SyncResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{9}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{11}
 }
 
 type PGObjectsRequest struct {
@@ -704,7 +800,7 @@ type PGObjectsRequest struct {
 
 func (x *PGObjectsRequest) Reset() {
 	*x = PGObjectsRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -716,7 +812,7 @@ func (x *PGObjectsRequest) String() string {
 func (*PGObjectsRequest) ProtoMessage() {}
 
 func (x *PGObjectsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -729,7 +825,7 @@ func (x *PGObjectsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PGObjectsRequest.ProtoReflect.Descriptor instead.
 func (*PGObjectsRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{10}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *PGObjectsRequest) GetEpoch() uint64 {
@@ -776,7 +872,7 @@ type ObjectVersion struct {
 
 func (x *ObjectVersion) Reset() {
 	*x = ObjectVersion{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -788,7 +884,7 @@ func (x *ObjectVersion) String() string {
 func (*ObjectVersion) ProtoMessage() {}
 
 func (x *ObjectVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -801,7 +897,7 @@ func (x *ObjectVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectVersion.ProtoReflect.Descriptor instead.
 func (*ObjectVersion) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{11}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ObjectVersion) GetObject() *ObjectRef {
@@ -848,7 +944,7 @@ type PGObjectsResponse struct {
 
 func (x *PGObjectsResponse) Reset() {
 	*x = PGObjectsResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -860,7 +956,7 @@ func (x *PGObjectsResponse) String() string {
 func (*PGObjectsResponse) ProtoMessage() {}
 
 func (x *PGObjectsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -873,7 +969,7 @@ func (x *PGObjectsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PGObjectsResponse.ProtoReflect.Descriptor instead.
 func (*PGObjectsResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{12}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *PGObjectsResponse) GetObjects() []*ObjectVersion {
@@ -893,7 +989,7 @@ type ReadObjectRequest struct {
 
 func (x *ReadObjectRequest) Reset() {
 	*x = ReadObjectRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -905,7 +1001,7 @@ func (x *ReadObjectRequest) String() string {
 func (*ReadObjectRequest) ProtoMessage() {}
 
 func (x *ReadObjectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -918,7 +1014,7 @@ func (x *ReadObjectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadObjectRequest.ProtoReflect.Descriptor instead.
 func (*ReadObjectRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{13}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ReadObjectRequest) GetEpoch() uint64 {
@@ -947,7 +1043,7 @@ type ReadObjectResponse struct {
 
 func (x *ReadObjectResponse) Reset() {
 	*x = ReadObjectResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -959,7 +1055,7 @@ func (x *ReadObjectResponse) String() string {
 func (*ReadObjectResponse) ProtoMessage() {}
 
 func (x *ReadObjectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -972,7 +1068,7 @@ func (x *ReadObjectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadObjectResponse.ProtoReflect.Descriptor instead.
 func (*ReadObjectResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{14}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ReadObjectResponse) GetVersion() uint64 {
@@ -1012,7 +1108,7 @@ type PushObjectRequest struct {
 
 func (x *PushObjectRequest) Reset() {
 	*x = PushObjectRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[15]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1024,7 +1120,7 @@ func (x *PushObjectRequest) String() string {
 func (*PushObjectRequest) ProtoMessage() {}
 
 func (x *PushObjectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[15]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1037,7 +1133,7 @@ func (x *PushObjectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PushObjectRequest.ProtoReflect.Descriptor instead.
 func (*PushObjectRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{15}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PushObjectRequest) GetEpoch() uint64 {
@@ -1097,7 +1193,7 @@ type PushObjectResponse struct {
 
 func (x *PushObjectResponse) Reset() {
 	*x = PushObjectResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[16]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1109,7 +1205,7 @@ func (x *PushObjectResponse) String() string {
 func (*PushObjectResponse) ProtoMessage() {}
 
 func (x *PushObjectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[16]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1122,14 +1218,19 @@ func (x *PushObjectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PushObjectResponse.ProtoReflect.Descriptor instead.
 func (*PushObjectResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{16}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{18}
 }
 
 var File_basalt_v1_blockd_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\n" +
-	"\x16basalt/v1/blockd.proto\x12\tbasalt.v1\"&\n" +
+	"\x16basalt/v1/blockd.proto\x12\tbasalt.v1\"<\n" +
+	"\x0eHasDataRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\x04R\x06volume\x12\x12\n" +
+	"\x04from\x18\x02 \x01(\x04R\x04from\",\n" +
+	"\x0fHasDataResponse\x12\x19\n" +
+	"\bhas_data\x18\x01 \x01(\bR\ahasData\"&\n" +
 	"\fScrubRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\x04R\x06volume\"\xb1\x01\n" +
 	"\rScrubResponse\x12\x10\n" +
@@ -1209,7 +1310,7 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\rBLOCK_OP_READ\x10\x01\x12\x12\n" +
 	"\x0eBLOCK_OP_WRITE\x10\x02\x12\x11\n" +
 	"\rBLOCK_OP_TRIM\x10\x03\x12\x14\n" +
-	"\x10BLOCK_OP_EXTENTS\x10\x042\xee\x03\n" +
+	"\x10BLOCK_OP_EXTENTS\x10\x042\xb0\x04\n" +
 	"\fBlockService\x12C\n" +
 	"\bClientOp\x12\x1a.basalt.v1.ClientOpRequest\x1a\x1b.basalt.v1.ClientOpResponse\x12F\n" +
 	"\tReplicate\x12\x1b.basalt.v1.ReplicateRequest\x1a\x1c.basalt.v1.ReplicateResponse\x127\n" +
@@ -1219,7 +1320,8 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"ReadObject\x12\x1c.basalt.v1.ReadObjectRequest\x1a\x1d.basalt.v1.ReadObjectResponse\x12I\n" +
 	"\n" +
 	"PushObject\x12\x1c.basalt.v1.PushObjectRequest\x1a\x1d.basalt.v1.PushObjectResponse\x12:\n" +
-	"\x05Scrub\x12\x17.basalt.v1.ScrubRequest\x1a\x18.basalt.v1.ScrubResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
+	"\x05Scrub\x12\x17.basalt.v1.ScrubRequest\x1a\x18.basalt.v1.ScrubResponse\x12@\n" +
+	"\aHasData\x12\x19.basalt.v1.HasDataRequest\x1a\x1a.basalt.v1.HasDataResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
 
 var (
 	file_basalt_v1_blockd_proto_rawDescOnce sync.Once
@@ -1234,55 +1336,59 @@ func file_basalt_v1_blockd_proto_rawDescGZIP() []byte {
 }
 
 var file_basalt_v1_blockd_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_basalt_v1_blockd_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_basalt_v1_blockd_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_basalt_v1_blockd_proto_goTypes = []any{
 	(BlockOp)(0),               // 0: basalt.v1.BlockOp
-	(*ScrubRequest)(nil),       // 1: basalt.v1.ScrubRequest
-	(*ScrubResponse)(nil),      // 2: basalt.v1.ScrubResponse
-	(*ObjectRef)(nil),          // 3: basalt.v1.ObjectRef
-	(*ClientOpRequest)(nil),    // 4: basalt.v1.ClientOpRequest
-	(*Extent)(nil),             // 5: basalt.v1.Extent
-	(*ClientOpResponse)(nil),   // 6: basalt.v1.ClientOpResponse
-	(*ReplicateRequest)(nil),   // 7: basalt.v1.ReplicateRequest
-	(*ReplicateResponse)(nil),  // 8: basalt.v1.ReplicateResponse
-	(*SyncRequest)(nil),        // 9: basalt.v1.SyncRequest
-	(*SyncResponse)(nil),       // 10: basalt.v1.SyncResponse
-	(*PGObjectsRequest)(nil),   // 11: basalt.v1.PGObjectsRequest
-	(*ObjectVersion)(nil),      // 12: basalt.v1.ObjectVersion
-	(*PGObjectsResponse)(nil),  // 13: basalt.v1.PGObjectsResponse
-	(*ReadObjectRequest)(nil),  // 14: basalt.v1.ReadObjectRequest
-	(*ReadObjectResponse)(nil), // 15: basalt.v1.ReadObjectResponse
-	(*PushObjectRequest)(nil),  // 16: basalt.v1.PushObjectRequest
-	(*PushObjectResponse)(nil), // 17: basalt.v1.PushObjectResponse
+	(*HasDataRequest)(nil),     // 1: basalt.v1.HasDataRequest
+	(*HasDataResponse)(nil),    // 2: basalt.v1.HasDataResponse
+	(*ScrubRequest)(nil),       // 3: basalt.v1.ScrubRequest
+	(*ScrubResponse)(nil),      // 4: basalt.v1.ScrubResponse
+	(*ObjectRef)(nil),          // 5: basalt.v1.ObjectRef
+	(*ClientOpRequest)(nil),    // 6: basalt.v1.ClientOpRequest
+	(*Extent)(nil),             // 7: basalt.v1.Extent
+	(*ClientOpResponse)(nil),   // 8: basalt.v1.ClientOpResponse
+	(*ReplicateRequest)(nil),   // 9: basalt.v1.ReplicateRequest
+	(*ReplicateResponse)(nil),  // 10: basalt.v1.ReplicateResponse
+	(*SyncRequest)(nil),        // 11: basalt.v1.SyncRequest
+	(*SyncResponse)(nil),       // 12: basalt.v1.SyncResponse
+	(*PGObjectsRequest)(nil),   // 13: basalt.v1.PGObjectsRequest
+	(*ObjectVersion)(nil),      // 14: basalt.v1.ObjectVersion
+	(*PGObjectsResponse)(nil),  // 15: basalt.v1.PGObjectsResponse
+	(*ReadObjectRequest)(nil),  // 16: basalt.v1.ReadObjectRequest
+	(*ReadObjectResponse)(nil), // 17: basalt.v1.ReadObjectResponse
+	(*PushObjectRequest)(nil),  // 18: basalt.v1.PushObjectRequest
+	(*PushObjectResponse)(nil), // 19: basalt.v1.PushObjectResponse
 }
 var file_basalt_v1_blockd_proto_depIdxs = []int32{
-	3,  // 0: basalt.v1.ClientOpRequest.object:type_name -> basalt.v1.ObjectRef
+	5,  // 0: basalt.v1.ClientOpRequest.object:type_name -> basalt.v1.ObjectRef
 	0,  // 1: basalt.v1.ClientOpRequest.op:type_name -> basalt.v1.BlockOp
-	5,  // 2: basalt.v1.ClientOpResponse.extents:type_name -> basalt.v1.Extent
-	3,  // 3: basalt.v1.ReplicateRequest.object:type_name -> basalt.v1.ObjectRef
+	7,  // 2: basalt.v1.ClientOpResponse.extents:type_name -> basalt.v1.Extent
+	5,  // 3: basalt.v1.ReplicateRequest.object:type_name -> basalt.v1.ObjectRef
 	0,  // 4: basalt.v1.ReplicateRequest.op:type_name -> basalt.v1.BlockOp
-	3,  // 5: basalt.v1.ObjectVersion.object:type_name -> basalt.v1.ObjectRef
-	12, // 6: basalt.v1.PGObjectsResponse.objects:type_name -> basalt.v1.ObjectVersion
-	3,  // 7: basalt.v1.ReadObjectRequest.object:type_name -> basalt.v1.ObjectRef
-	5,  // 8: basalt.v1.ReadObjectResponse.extents:type_name -> basalt.v1.Extent
-	3,  // 9: basalt.v1.PushObjectRequest.object:type_name -> basalt.v1.ObjectRef
-	5,  // 10: basalt.v1.PushObjectRequest.extents:type_name -> basalt.v1.Extent
-	4,  // 11: basalt.v1.BlockService.ClientOp:input_type -> basalt.v1.ClientOpRequest
-	7,  // 12: basalt.v1.BlockService.Replicate:input_type -> basalt.v1.ReplicateRequest
-	9,  // 13: basalt.v1.BlockService.Sync:input_type -> basalt.v1.SyncRequest
-	11, // 14: basalt.v1.BlockService.PGObjects:input_type -> basalt.v1.PGObjectsRequest
-	14, // 15: basalt.v1.BlockService.ReadObject:input_type -> basalt.v1.ReadObjectRequest
-	16, // 16: basalt.v1.BlockService.PushObject:input_type -> basalt.v1.PushObjectRequest
-	1,  // 17: basalt.v1.BlockService.Scrub:input_type -> basalt.v1.ScrubRequest
-	6,  // 18: basalt.v1.BlockService.ClientOp:output_type -> basalt.v1.ClientOpResponse
-	8,  // 19: basalt.v1.BlockService.Replicate:output_type -> basalt.v1.ReplicateResponse
-	10, // 20: basalt.v1.BlockService.Sync:output_type -> basalt.v1.SyncResponse
-	13, // 21: basalt.v1.BlockService.PGObjects:output_type -> basalt.v1.PGObjectsResponse
-	15, // 22: basalt.v1.BlockService.ReadObject:output_type -> basalt.v1.ReadObjectResponse
-	17, // 23: basalt.v1.BlockService.PushObject:output_type -> basalt.v1.PushObjectResponse
-	2,  // 24: basalt.v1.BlockService.Scrub:output_type -> basalt.v1.ScrubResponse
-	18, // [18:25] is the sub-list for method output_type
-	11, // [11:18] is the sub-list for method input_type
+	5,  // 5: basalt.v1.ObjectVersion.object:type_name -> basalt.v1.ObjectRef
+	14, // 6: basalt.v1.PGObjectsResponse.objects:type_name -> basalt.v1.ObjectVersion
+	5,  // 7: basalt.v1.ReadObjectRequest.object:type_name -> basalt.v1.ObjectRef
+	7,  // 8: basalt.v1.ReadObjectResponse.extents:type_name -> basalt.v1.Extent
+	5,  // 9: basalt.v1.PushObjectRequest.object:type_name -> basalt.v1.ObjectRef
+	7,  // 10: basalt.v1.PushObjectRequest.extents:type_name -> basalt.v1.Extent
+	6,  // 11: basalt.v1.BlockService.ClientOp:input_type -> basalt.v1.ClientOpRequest
+	9,  // 12: basalt.v1.BlockService.Replicate:input_type -> basalt.v1.ReplicateRequest
+	11, // 13: basalt.v1.BlockService.Sync:input_type -> basalt.v1.SyncRequest
+	13, // 14: basalt.v1.BlockService.PGObjects:input_type -> basalt.v1.PGObjectsRequest
+	16, // 15: basalt.v1.BlockService.ReadObject:input_type -> basalt.v1.ReadObjectRequest
+	18, // 16: basalt.v1.BlockService.PushObject:input_type -> basalt.v1.PushObjectRequest
+	3,  // 17: basalt.v1.BlockService.Scrub:input_type -> basalt.v1.ScrubRequest
+	1,  // 18: basalt.v1.BlockService.HasData:input_type -> basalt.v1.HasDataRequest
+	8,  // 19: basalt.v1.BlockService.ClientOp:output_type -> basalt.v1.ClientOpResponse
+	10, // 20: basalt.v1.BlockService.Replicate:output_type -> basalt.v1.ReplicateResponse
+	12, // 21: basalt.v1.BlockService.Sync:output_type -> basalt.v1.SyncResponse
+	15, // 22: basalt.v1.BlockService.PGObjects:output_type -> basalt.v1.PGObjectsResponse
+	17, // 23: basalt.v1.BlockService.ReadObject:output_type -> basalt.v1.ReadObjectResponse
+	19, // 24: basalt.v1.BlockService.PushObject:output_type -> basalt.v1.PushObjectResponse
+	4,  // 25: basalt.v1.BlockService.Scrub:output_type -> basalt.v1.ScrubResponse
+	2,  // 26: basalt.v1.BlockService.HasData:output_type -> basalt.v1.HasDataResponse
+	19, // [19:27] is the sub-list for method output_type
+	11, // [11:19] is the sub-list for method input_type
 	11, // [11:11] is the sub-list for extension type_name
 	11, // [11:11] is the sub-list for extension extendee
 	0,  // [0:11] is the sub-list for field type_name
@@ -1299,7 +1405,7 @@ func file_basalt_v1_blockd_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_blockd_proto_rawDesc), len(file_basalt_v1_blockd_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   17,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,7 @@ const (
 	BlockService_ReadObject_FullMethodName = "/basalt.v1.BlockService/ReadObject"
 	BlockService_PushObject_FullMethodName = "/basalt.v1.BlockService/PushObject"
 	BlockService_Scrub_FullMethodName      = "/basalt.v1.BlockService/Scrub"
+	BlockService_HasData_FullMethodName    = "/basalt.v1.BlockService/HasData"
 )
 
 // BlockServiceClient is the client API for BlockService service.
@@ -53,6 +54,8 @@ type BlockServiceClient interface {
 	// Scrub verifies the PGs this node is primary of: every block's checksum on every member, and every member's
 	// copy against the primary's; bad copies are repaired from good ones.
 	Scrub(ctx context.Context, in *ScrubRequest, opts ...grpc.CallOption) (*ScrubResponse, error)
+	// HasData reports whether this node holds data of a volume at or past a byte offset (for shrinking).
+	HasData(ctx context.Context, in *HasDataRequest, opts ...grpc.CallOption) (*HasDataResponse, error)
 }
 
 type blockServiceClient struct {
@@ -133,6 +136,16 @@ func (c *blockServiceClient) Scrub(ctx context.Context, in *ScrubRequest, opts .
 	return out, nil
 }
 
+func (c *blockServiceClient) HasData(ctx context.Context, in *HasDataRequest, opts ...grpc.CallOption) (*HasDataResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(HasDataResponse)
+	err := c.cc.Invoke(ctx, BlockService_HasData_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BlockServiceServer is the server API for BlockService service.
 // All implementations must embed UnimplementedBlockServiceServer
 // for forward compatibility.
@@ -158,6 +171,8 @@ type BlockServiceServer interface {
 	// Scrub verifies the PGs this node is primary of: every block's checksum on every member, and every member's
 	// copy against the primary's; bad copies are repaired from good ones.
 	Scrub(context.Context, *ScrubRequest) (*ScrubResponse, error)
+	// HasData reports whether this node holds data of a volume at or past a byte offset (for shrinking).
+	HasData(context.Context, *HasDataRequest) (*HasDataResponse, error)
 	mustEmbedUnimplementedBlockServiceServer()
 }
 
@@ -188,6 +203,9 @@ func (UnimplementedBlockServiceServer) PushObject(context.Context, *PushObjectRe
 }
 func (UnimplementedBlockServiceServer) Scrub(context.Context, *ScrubRequest) (*ScrubResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Scrub not implemented")
+}
+func (UnimplementedBlockServiceServer) HasData(context.Context, *HasDataRequest) (*HasDataResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method HasData not implemented")
 }
 func (UnimplementedBlockServiceServer) mustEmbedUnimplementedBlockServiceServer() {}
 func (UnimplementedBlockServiceServer) testEmbeddedByValue()                      {}
@@ -336,6 +354,24 @@ func _BlockService_Scrub_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BlockService_HasData_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(HasDataRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BlockServiceServer).HasData(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BlockService_HasData_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BlockServiceServer).HasData(ctx, req.(*HasDataRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // BlockService_ServiceDesc is the grpc.ServiceDesc for BlockService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -370,6 +406,10 @@ var BlockService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Scrub",
 			Handler:    _BlockService_Scrub_Handler,
+		},
+		{
+			MethodName: "HasData",
+			Handler:    _BlockService_HasData_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
