@@ -83,11 +83,13 @@ func filteredEnviron() []string {
 	return out
 }
 
-// freeBase finds a base port whose whole range for a cluster of nBlockd nodes is free right now.
+// freeBase finds a base port whose whole range for a cluster of nBlockd nodes is free right now. Ranges stay
+// below 32768, where Linux's ephemeral ports begin: an outgoing connection could otherwise take a port between
+// this check and the daemon's bind.
 func freeBase(t *testing.T, nBlockd int) int {
 	t.Helper()
 	for range 50 {
-		base := 20000 + 100*rand.IntN(400)
+		base := 12000 + 100*rand.IntN(200)
 		plan, err := up.Plan(up.Options{DataDir: "x", Blockd: nBlockd, BasePort: base, LeaseTTL: time.Second})
 		if err != nil {
 			t.Fatal(err)
@@ -168,6 +170,7 @@ func (e *env) up(dataDir string, args ...string) *cluster {
 				cmd.Process.Kill()
 			}
 		}
+		c.checkLogs(e.t)
 	})
 	select {
 	case <-ready:
@@ -177,6 +180,25 @@ func (e *env) up(dataDir string, args ...string) *cluster {
 		e.t.Fatalf("basalt up not ready after 2 minutes:\n%s", c.out)
 	}
 	return c
+}
+
+// checkLogs fails the test if a daemon reported a data race (binaries built with -race), and shows the end of
+// every daemon's log when the test failed, since the data directory is removed with the test.
+func (c *cluster) checkLogs(t *testing.T) {
+	logs, _ := filepath.Glob(filepath.Join(c.dataDir, "logs", "*.log"))
+	for _, l := range logs {
+		b, err := os.ReadFile(l)
+		if err != nil {
+			continue
+		}
+		if i := bytes.Index(b, []byte("WARNING: DATA RACE")); i >= 0 {
+			t.Errorf("%s reports a data race:\n%s", filepath.Base(l), b[i:min(len(b), i+4000)])
+		}
+		if t.Failed() {
+			lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+			t.Logf("last lines of %s:\n%s", filepath.Base(l), strings.Join(lines[max(0, len(lines)-15):], "\n"))
+		}
+	}
 }
 
 // stop sends Ctrl-C and waits for a clean exit.

@@ -199,8 +199,10 @@ func waitFor(r interface{ Read([]byte) (int, error) }, marker string, within tim
 	}
 }
 
+// freeBase finds 100 free ports below Linux's ephemeral range (32768 up), where no outgoing connection can
+// take one between this check and the daemons' binds.
 func freeBase() (int, error) {
-	for base := 30000; base < 60000; base += 100 {
+	for base := 22000; base < 32700; base += 100 {
 		free := true
 		for p := base; p < base+100 && free; p++ {
 			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
