@@ -16,7 +16,7 @@ ARGS ?=
 # Extra flags for `go test`, e.g. make test TESTFLAGS='-run TestLease -v'.
 TESTFLAGS ?=
 
-.PHONY: all deps build run test test-short vet fmt proto bench clean
+.PHONY: all deps build run test test-short test-race vet fmt proto bench clean
 
 all: build
 
@@ -37,6 +37,13 @@ vet:
 
 test: build vet
 	BASALT_BIN_DIR=$(BIN) $(GO) test -count=1 -timeout 20m $(TESTFLAGS) ./...
+
+# The whole suite under the race detector, with every daemon built with -race too (the e2e tests fail if a
+# daemon reports a race). Slower than `make test`; not part of it.
+test-race: deps
+	@mkdir -p $(BIN)/race
+	$(GO) build -race -o $(BIN)/race/ $(addprefix ./,$(DAEMONS))
+	BASALT_BIN_DIR=$(BIN)/race $(GO) test -race -count=1 -timeout 40m $(TESTFLAGS) ./...
 
 test-short: build
 	BASALT_BIN_DIR=$(BIN) $(GO) test -count=1 -short $(TESTFLAGS) ./...
