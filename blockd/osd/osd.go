@@ -12,7 +12,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/maphash"
 	"log/slog"
 	"strings"
 	"sync"
@@ -38,9 +37,6 @@ const EpochWait = 2 * time.Second
 // The engine's objects are placement's objects: this fails to compile if the two sizes ever differ.
 const _ = uint(engine.ObjectSize-placement.ObjectSize) + uint(placement.ObjectSize-engine.ObjectSize)
 
-// stripes is the number of object locks; objects hash onto them. Collisions only serialize unrelated objects.
-const stripes = 4096
-
 // OSD serves one node's objects.
 type OSD struct {
 	basaltv1.UnimplementedBlockServiceServer
@@ -51,9 +47,9 @@ type OSD struct {
 	peers *Peers
 	store *store.Store // where recovery progress is published
 	log   *slog.Logger
-	seed  maphash.Seed
 
-	locks [stripes]sync.Mutex
+	locksMu sync.Mutex
+	locks   map[engine.ObjectID]*objectLock
 
 	pgMu sync.Mutex
 	pgs  map[placement.PG]*pgState
@@ -78,7 +74,7 @@ type pgState struct {
 func New(id string, eng *engine.Engine, v *view.View, peers *Peers, s *store.Store, recoveryBytesPerSec int64, log *slog.Logger) *OSD {
 	return &OSD{
 		id: id, eng: eng, view: v, peers: peers, store: s, log: log,
-		seed:    maphash.MakeSeed(),
+		locks:   map[engine.ObjectID]*objectLock{},
 		pgs:     map[placement.PG]*pgState{},
 		limiter: newRateLimiter(recoveryBytesPerSec),
 	}
@@ -87,16 +83,34 @@ func New(id string, eng *engine.Engine, v *view.View, peers *Peers, s *store.Sto
 // ID is the node ID of this OSD.
 func (o *OSD) ID() string { return o.id }
 
-func (o *OSD) lock(id engine.ObjectID) *sync.Mutex {
-	var h maphash.Hash
-	h.SetSeed(o.seed)
-	var b [16]byte
-	for i := range 8 {
-		b[i] = byte(id.Volume >> (8 * i))
-		b[8+i] = byte(id.Index >> (8 * i))
+// objectLock serializes the operations on one object that must not interleave: a primary's write and its
+// replication, a member's version check and apply, copies for peering, recovery and repair.
+type objectLock struct {
+	sync.Mutex
+	refs int
+}
+
+// lock locks one object and returns its unlock. Locks are per object, never shared between objects: a primary
+// holds its object's lock while it waits for members, and two nodes waiting on each other through a shared
+// (striped) lock would stall until the replica timeout.
+func (o *OSD) lock(id engine.ObjectID) (unlock func()) {
+	o.locksMu.Lock()
+	l := o.locks[id]
+	if l == nil {
+		l = &objectLock{}
+		o.locks[id] = l
 	}
-	h.Write(b[:])
-	return &o.locks[h.Sum64()%stripes]
+	l.refs++
+	o.locksMu.Unlock()
+	l.Lock()
+	return func() {
+		l.Unlock()
+		o.locksMu.Lock()
+		if l.refs--; l.refs == 0 {
+			delete(o.locks, id)
+		}
+		o.locksMu.Unlock()
+	}
 }
 
 // Route is where one object's operations go at one epoch.
@@ -257,9 +271,7 @@ func nextVersion(cur, epoch uint64) uint64 { return max(cur, epoch<<32) + 1 }
 
 // primaryWrite applies a write locally and on every other member of the acting set, under the object's lock.
 func (o *OSD) primaryWrite(ctx context.Context, r Route, st *pgState, id engine.ObjectID, req *basaltv1.ClientOpRequest) (uint64, error) {
-	mu := o.lock(id)
-	mu.Lock()
-	defer mu.Unlock()
+	defer o.lock(id)()
 	v := nextVersion(o.eng.ObjectVersion(id), r.Map.GetEpoch())
 	if err := o.apply(ctx, id, req.GetOp(), req.GetOffset(), req.GetLength(), req.GetData(), v, req.GetSync()); err != nil {
 		return 0, err
@@ -329,9 +341,7 @@ func (o *OSD) Replicate(ctx context.Context, req *basaltv1.ReplicateRequest) (*b
 	if err := objectRange(req.GetOffset(), req.GetLength()); err != nil {
 		return nil, err
 	}
-	mu := o.lock(id)
-	mu.Lock()
-	defer mu.Unlock()
+	defer o.lock(id)()
 	// A version this node already holds is a retry of a write it applied.
 	if req.GetVersion() <= o.eng.ObjectVersion(id) {
 		return &basaltv1.ReplicateResponse{}, nil

@@ -257,9 +257,7 @@ func (o *OSD) ReadObject(ctx context.Context, req *basaltv1.ReadObjectRequest) (
 		return nil, err
 	}
 	id := engine.ObjectID{Volume: req.GetObject().GetVolume(), Index: req.GetObject().GetIndex()}
-	mu := o.lock(id)
-	mu.Lock()
-	defer mu.Unlock()
+	defer o.lock(id)()
 	return o.readObjectLocked(ctx, id)
 }
 
@@ -293,9 +291,7 @@ func (o *OSD) pull(ctx context.Context, epoch uint64, from *basaltv1.StorageNode
 	if err != nil {
 		return fmt.Errorf("pull object %d.%d from %s: %w", id.Volume, id.Index, from.GetId(), err)
 	}
-	mu := o.lock(id)
-	mu.Lock()
-	defer mu.Unlock()
+	defer o.lock(id)()
 	if resp.GetVersion() <= o.eng.ObjectVersion(id) {
 		return nil
 	}
@@ -338,9 +334,7 @@ func (o *OSD) PushObject(ctx context.Context, req *basaltv1.PushObjectRequest) (
 	if err != nil {
 		return nil, err
 	}
-	mu := o.lock(id)
-	mu.Lock()
-	defer mu.Unlock()
+	defer o.lock(id)()
 	cur := o.eng.ObjectVersion(id)
 	if req.GetVersion() < cur || req.GetVersion() == cur && !req.GetRepair() {
 		return &basaltv1.PushObjectResponse{}, nil
@@ -399,8 +393,7 @@ func (o *OSD) recover(r Route, st *pgState) {
 	defer func() { o.publishRecovery(r, st, total, total-st.pending()) }()
 	for _, member := range r.Acting[1:] {
 		for _, id := range st.list(member.GetId()) {
-			mu := o.lock(id)
-			mu.Lock()
+			unlock := o.lock(id)
 			var err error
 			if st.isBehind(member.GetId(), id) {
 				err = o.push(ctx, st.epoch, member, id)
@@ -409,7 +402,7 @@ func (o *OSD) recover(r Route, st *pgState) {
 					pushed++
 				}
 			}
-			mu.Unlock()
+			unlock()
 			if err != nil {
 				if !errors.Is(ctx.Err(), context.Canceled) {
 					o.log.Warn("recovery stopped", "pg", fmt.Sprintf("%d.%d", r.PG.Pool, r.PG.Num), "member", member.GetId(), "err", err)

@@ -19,9 +19,7 @@ import (
 // object from a member holding the same version, rewrites it locally, and reports whether it succeeded. The
 // caller holds no lock on the object.
 func (o *OSD) readRepair(ctx context.Context, r Route, id engine.ObjectID) error {
-	mu := o.lock(id)
-	mu.Lock()
-	defer mu.Unlock()
+	defer o.lock(id)()
 	return o.repairLocalLocked(ctx, r, id)
 }
 
@@ -130,9 +128,7 @@ func (o *OSD) scrubPG(ctx context.Context, r Route, volume uint64, res *basaltv1
 // scrubObject verifies the primary's copy (repairing it from a member if corrupt) and pushes it over any
 // member copy of the same version that is corrupt or different.
 func (o *OSD) scrubObject(ctx context.Context, r Route, id engine.ObjectID, member func(string) (version uint64, sum []byte, corrupt, ok bool), res *basaltv1.ScrubResponse) error {
-	mu := o.lock(id)
-	mu.Lock()
-	defer mu.Unlock()
+	defer o.lock(id)()
 	mine, err := o.eng.ObjectChecksum(ctx, id)
 	if errors.Is(err, engine.ErrCorrupt) {
 		res.Corrupt++
