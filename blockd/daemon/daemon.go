@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
@@ -109,6 +110,12 @@ func Wire(ctx context.Context, n *node.Node, c Config) (_ func(), err error) {
 	peers := osd.NewPeers()
 	closers = append(closers, peers.Close)
 	o := osd.New(n.Config.ID, eng, v, peers, n.Store, c.RecoveryRate, n.Log.With("component", "osd"))
+	o.Fatal = func(err error) {
+		// Shut down as on SIGTERM: the node revokes its lease on the way out, so the cluster stops routing here
+		// at once; a restart reopens the engine, which re-verifies its log.
+		n.Log.Error("storage engine failed; stopping this node", "err", err)
+		syscall.Kill(os.Getpid(), syscall.SIGTERM)
+	}
 	basaltv1.RegisterBlockServiceServer(n.GRPC, o)
 	bg.Add(2)
 	go func() { defer bg.Done(); o.Run(vctx) }()

@@ -56,6 +56,10 @@ type OSD struct {
 
 	// recovery rate limit, bytes per second, shared by all background pushes of this node.
 	limiter *rateLimiter
+
+	// Fatal is called once if the local engine fails for good; it should stop the node.
+	Fatal     func(error)
+	fatalOnce sync.Once
 }
 
 // pgState is this node's knowledge of a PG it is primary of, at one epoch.
@@ -188,10 +192,15 @@ func objectRange(off, length int64) error {
 	return nil
 }
 
-// engineStatus maps the engine's errors onto gRPC codes the gateway understands.
-func engineStatus(what string, err error) error {
+// engineStatus maps the engine's errors onto gRPC codes the gateway understands. An engine that failed for
+// good (a failed fdatasync: the kernel may have dropped written pages) stops the node: fail-stop, so that the
+// cluster moves on without it at once rather than meeting errors from a node that still looks healthy.
+func (o *OSD) engineStatus(what string, err error) error {
 	if err == nil {
 		return nil
+	}
+	if errors.Is(err, engine.ErrFailed) && o.Fatal != nil {
+		o.fatalOnce.Do(func() { o.Fatal(fmt.Errorf("%s: %w", what, err)) })
 	}
 	code := codes.Internal
 	switch {
@@ -239,13 +248,13 @@ func (o *OSD) ClientOp(ctx context.Context, req *basaltv1.ClientOpRequest) (*bas
 			err = o.eng.Read(ctx, id, req.GetOffset(), buf)
 		}
 		if err != nil {
-			return nil, engineStatus(fmt.Sprintf("read object %d.%d", id.Volume, id.Index), err)
+			return nil, o.engineStatus(fmt.Sprintf("read object %d.%d", id.Volume, id.Index), err)
 		}
 		return &basaltv1.ClientOpResponse{Data: buf}, nil
 	case basaltv1.BlockOp_BLOCK_OP_EXTENTS:
 		ext, err := o.eng.Extents(ctx, id, req.GetOffset(), req.GetLength())
 		if err != nil {
-			return nil, engineStatus("extents", err)
+			return nil, o.engineStatus("extents", err)
 		}
 		resp := &basaltv1.ClientOpResponse{}
 		for _, e := range ext {
@@ -329,7 +338,7 @@ func (o *OSD) apply(ctx context.Context, id engine.ObjectID, op basaltv1.BlockOp
 	default:
 		return status.Errorf(codes.InvalidArgument, "operation %v cannot be replicated", op)
 	}
-	return engineStatus(fmt.Sprintf("apply %v to object %d.%d at version %d", op, id.Volume, id.Index, v), err)
+	return o.engineStatus(fmt.Sprintf("apply %v to object %d.%d at version %d", op, id.Volume, id.Index, v), err)
 }
 
 // Replicate applies, on a member, a write its primary ordered.
@@ -383,7 +392,7 @@ func (o *OSD) checkMember(r Route, primary string) error {
 // Sync makes everything this node acknowledged durable.
 func (o *OSD) Sync(ctx context.Context, _ *basaltv1.SyncRequest) (*basaltv1.SyncResponse, error) {
 	if err := o.eng.Sync(ctx); err != nil {
-		return nil, engineStatus("sync", err)
+		return nil, o.engineStatus("sync", err)
 	}
 	return &basaltv1.SyncResponse{}, nil
 }

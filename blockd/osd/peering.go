@@ -210,7 +210,7 @@ func (o *OSD) PGObjects(ctx context.Context, req *basaltv1.PGObjectsRequest) (*b
 			case errors.Is(err, engine.ErrCorrupt):
 				ov.Corrupt = true
 			case err != nil:
-				return nil, engineStatus("checksum", err)
+				return nil, o.engineStatus("checksum", err)
 			default:
 				ov.Checksum = sum[:]
 			}
@@ -265,7 +265,7 @@ func (o *OSD) readObjectLocked(ctx context.Context, id engine.ObjectID) (*basalt
 	resp := &basaltv1.ReadObjectResponse{Version: o.eng.ObjectVersion(id)}
 	ext, err := o.eng.Extents(ctx, id, 0, engine.ObjectSize)
 	if err != nil {
-		return nil, engineStatus("extents", err)
+		return nil, o.engineStatus("extents", err)
 	}
 	for _, e := range ext {
 		if e.Hole {
@@ -273,7 +273,7 @@ func (o *OSD) readObjectLocked(ctx context.Context, id engine.ObjectID) (*basalt
 		}
 		buf := make([]byte, e.Length)
 		if err := o.eng.Read(ctx, id, e.Offset, buf); err != nil {
-			return nil, engineStatus(fmt.Sprintf("read object %d.%d", id.Volume, id.Index), err)
+			return nil, o.engineStatus(fmt.Sprintf("read object %d.%d", id.Volume, id.Index), err)
 		}
 		resp.Extents = append(resp.Extents, &basaltv1.Extent{Offset: e.Offset, Length: e.Length})
 		resp.Data = append(resp.Data, buf)
@@ -311,7 +311,7 @@ func (o *OSD) replaceObject(ctx context.Context, id engine.ObjectID, version uin
 		trimVersion = version
 	}
 	if err := o.eng.Trim(ctx, id, 0, engine.ObjectSize, engine.WriteOptions{Version: trimVersion}); err != nil {
-		return engineStatus("clear object before copy", err)
+		return o.engineStatus("clear object before copy", err)
 	}
 	for i, e := range extents {
 		if int64(len(data[i])) != e.GetLength() {
@@ -322,7 +322,7 @@ func (o *OSD) replaceObject(ctx context.Context, id engine.ObjectID, version uin
 			v = version
 		}
 		if err := o.eng.Write(ctx, id, e.GetOffset(), data[i], engine.WriteOptions{Version: v}); err != nil {
-			return engineStatus("copy object", err)
+			return o.engineStatus("copy object", err)
 		}
 	}
 	return nil

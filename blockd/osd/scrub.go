@@ -141,7 +141,7 @@ func (o *OSD) scrubObject(ctx context.Context, r Route, id engine.ObjectID, memb
 		mine, err = o.eng.ObjectChecksum(ctx, id)
 	}
 	if err != nil {
-		return engineStatus("checksum", err)
+		return o.engineStatus("checksum", err)
 	}
 	version := o.eng.ObjectVersion(id)
 	for _, m := range r.Acting[1:] {

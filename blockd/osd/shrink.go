@@ -14,7 +14,7 @@ import (
 func (o *OSD) HasData(ctx context.Context, req *basaltv1.HasDataRequest) (*basaltv1.HasDataResponse, error) {
 	has, err := o.hasDataFrom(ctx, req.GetVolume(), req.GetFrom())
 	if err != nil {
-		return nil, engineStatus("look for data", err)
+		return nil, o.engineStatus("look for data", err)
 	}
 	return &basaltv1.HasDataResponse{HasData: has}, nil
 }
