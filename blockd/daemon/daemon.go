@@ -122,7 +122,7 @@ func Wire(ctx context.Context, n *node.Node, c Config) (_ func(), err error) {
 	go func() { defer bg.Done(); o.RunScrubber(vctx, c.ScrubInterval) }()
 
 	srv := &nbd.Server{
-		Exports: &gateway.Gateway{OSD: o, View: v, Peers: peers, OpTimeout: c.OpTimeout, Log: n.Log.With("component", "gateway")},
+		Exports: &gateway.Gateway{OSD: o, View: v, Store: n.Store, Peers: peers, OpTimeout: c.OpTimeout, Log: n.Log.With("component", "gateway")},
 		Logger:  n.Log.With("component", "nbd"),
 	}
 	var listeners []net.Listener

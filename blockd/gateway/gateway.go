@@ -20,6 +20,8 @@ import (
 	"github.com/basalt-hv/basalt/blockd/nbd"
 	"github.com/basalt-hv/basalt/blockd/osd"
 	"github.com/basalt-hv/basalt/blockd/view"
+	"github.com/basalt-hv/basalt/metad/schema"
+	"github.com/basalt-hv/basalt/metad/store"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -33,18 +35,24 @@ const attemptTimeout = 15 * time.Second
 
 // Gateway exports the cluster's volumes over NBD.
 type Gateway struct {
-	OSD       *osd.OSD
-	View      *view.View
+	OSD  *osd.OSD
+	View *view.View
+	// Store is read when the view does not know a volume yet: a volume created a moment ago may not have
+	// reached this node's watch.
+	Store     *store.Store
 	Peers     *osd.Peers
 	OpTimeout time.Duration
 	Log       *slog.Logger
 }
 
+// viewLag bounds how long an export waits for this node's view to catch up with a volume etcd already has.
+const viewLag = 10 * time.Second
+
 // Export describes a volume as an NBD export.
 func (g *Gateway) Export(ctx context.Context, name string) (*nbd.Export, error) {
-	vol := g.View.Volume(name)
-	if vol == nil {
-		return nil, fmt.Errorf("volume %q: %w", name, nbd.ErrNoSuchExport)
+	vol, err := g.volume(ctx, name)
+	if err != nil {
+		return nil, err
 	}
 	return &nbd.Export{
 		Name:               name,
@@ -58,6 +66,38 @@ func (g *Gateway) Export(ctx context.Context, name string) (*nbd.Export, error) 
 		MultiConn: true,
 		Backend:   &volume{g: g, id: vol.GetId(), name: name},
 	}, nil
+}
+
+// volume returns the named volume from the view. If the view does not have it, a consistent read of etcd
+// decides: a volume that exists there (created a moment ago) is waited for until the view has it too, because
+// every operation on it is routed through the view.
+func (g *Gateway) volume(ctx context.Context, name string) (*basaltv1.Volume, error) {
+	if vol := g.View.Volume(name); vol != nil {
+		return vol, nil
+	}
+	if schema.ValidateName("volume", name) != nil {
+		return nil, fmt.Errorf("volume %q: %w", name, nbd.ErrNoSuchExport)
+	}
+	_, err := store.Get[basaltv1.Volume](ctx, g.Store, schema.VolumeKey(name))
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("volume %q: %w", name, nbd.ErrNoSuchExport)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("look up volume %q: %v: %w", name, err, nbd.ErrIO)
+	}
+	ctx, cancel := context.WithTimeout(ctx, viewLag)
+	defer cancel()
+	for {
+		changed := g.View.Changed()
+		if vol := g.View.Volume(name); vol != nil {
+			return vol, nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("volume %q exists but this node has not seen it within %s: %w", name, viewLag, nbd.ErrIO)
+		}
+	}
 }
 
 // ExportNames lists every volume.

@@ -179,6 +179,11 @@ func (o *OSD) route(m *basaltv1.ClusterMap, ref *basaltv1.ObjectRef) (Route, eng
 	id := engine.ObjectID{Volume: ref.GetVolume(), Index: ref.GetIndex()}
 	vol := o.view.VolumeByID(ref.GetVolume())
 	if vol == nil {
+		// IDs are never reused: one above the highest this node has seen is a volume created a moment ago that
+		// its watch has not delivered yet (retry), one at or below it was deleted.
+		if ref.GetVolume() > o.view.MaxVolumeID() {
+			return Route{}, id, status.Errorf(codes.Unavailable, "volume %d is not known to %s yet", ref.GetVolume(), o.id)
+		}
 		return Route{}, id, status.Errorf(codes.NotFound, "volume %d does not exist (deleted?)", ref.GetVolume())
 	}
 	r, err := RouteObject(m, vol, ref.GetIndex())

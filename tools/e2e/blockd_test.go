@@ -567,3 +567,26 @@ func TestShrinkAsksForForceOnlyWhenItCutsData(t *testing.T) {
 		}
 	}
 }
+
+// TestAttachRightAfterCreate attaches each new volume the moment `volume create` returns, through every
+// gateway in turn: a blockd whose watch has not delivered the volume yet must wait for it, not answer that the
+// export does not exist. The window is a few milliseconds, so this failed only under load (it did in a CI
+// rehearsal); blockd/gateway's TestExportWaitsForALaggingView proves the behaviour deterministically.
+func TestAttachRightAfterCreate(t *testing.T) {
+	needTool(t, "qemu-io", "qemu-utils")
+	e := newEnv(t)
+	base := freeBase(t, 3)
+	e.up(t.TempDir(), "--base-port", itoa(base), "--lease-ttl", "2s")
+	e.waitNodes("every node up", 10*time.Second, allUp(fullCluster...))
+	for i := range 10 {
+		name := fmt.Sprintf("fresh%d", i)
+		if _, errOut, code := e.basalt(nil, "volume", "create", name, "--size", "8M"); code != 0 {
+			t.Fatalf("volume create: %s", errOut)
+		}
+		uri := fmt.Sprintf("nbd://127.0.0.1:%d/%s", base+10*(i%3+1)+1, name)
+		out, err := exec.Command("qemu-io", "-f", "raw", "-c", "write -P 5 0 4k", "-c", "read -P 5 0 4k", uri).CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "read 4096/4096") {
+			t.Fatalf("attach %s right after create: %v\n%s", uri, err, out)
+		}
+	}
+}
