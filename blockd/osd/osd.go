@@ -302,7 +302,7 @@ func (o *OSD) primaryWrite(ctx context.Context, r Route, st *pgState, id engine.
 			// A member that is behind on this object gets the whole object first: a partial write on top of
 			// an old copy would leave it newer in version but wrong in content.
 			if st.isBehind(member.GetId(), id) {
-				if err := o.push(cctx, r.Map.GetEpoch(), member, id); err != nil {
+				if err := o.push(cctx, r.Map.GetEpoch(), member, id, false); err != nil {
 					errs <- fmt.Errorf("recover object on %s before writing: %w", member.GetId(), err)
 					return
 				}

@@ -345,8 +345,9 @@ func (o *OSD) PushObject(ctx context.Context, req *basaltv1.PushObjectRequest) (
 	return &basaltv1.PushObjectResponse{}, nil
 }
 
-// push sends the primary's copy of an object to a member. The caller holds the object's lock.
-func (o *OSD) push(ctx context.Context, epoch uint64, member *basaltv1.StorageNode, id engine.ObjectID) error {
+// push sends the primary's copy of an object to a member, which takes it if it is newer than its own (or, with
+// repair, of the same version: its copy was found bad). The caller holds the object's lock.
+func (o *OSD) push(ctx context.Context, epoch uint64, member *basaltv1.StorageNode, id engine.ObjectID, repair bool) error {
 	obj, err := o.readObjectLocked(ctx, id)
 	if err != nil {
 		return err
@@ -357,7 +358,7 @@ func (o *OSD) push(ctx context.Context, epoch uint64, member *basaltv1.StorageNo
 	}
 	_, err = c.PushObject(ctx, &basaltv1.PushObjectRequest{
 		Epoch: epoch, Primary: o.id, Object: &basaltv1.ObjectRef{Volume: id.Volume, Index: id.Index},
-		Version: obj.GetVersion(), Extents: obj.GetExtents(), Data: obj.GetData(),
+		Version: obj.GetVersion(), Extents: obj.GetExtents(), Data: obj.GetData(), Repair: repair,
 	})
 	if err != nil {
 		return fmt.Errorf("push object %d.%d to %s: %w", id.Volume, id.Index, member.GetId(), err)
@@ -396,7 +397,7 @@ func (o *OSD) recover(r Route, st *pgState) {
 			unlock := o.lock(id)
 			var err error
 			if st.isBehind(member.GetId(), id) {
-				err = o.push(ctx, st.epoch, member, id)
+				err = o.push(ctx, st.epoch, member, id, false)
 				if err == nil {
 					st.done(member.GetId(), id)
 					pushed++

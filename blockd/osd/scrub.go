@@ -157,7 +157,7 @@ func (o *OSD) scrubObject(ctx context.Context, r Route, id engine.ObjectID, memb
 		default:
 			continue
 		}
-		if err := o.pushRepair(ctx, r.Map.GetEpoch(), m, id); err != nil {
+		if err := o.push(ctx, r.Map.GetEpoch(), m, id, true); err != nil {
 			o.log.Error("repair member copy", "object", fmt.Sprintf("%d.%d", id.Volume, id.Index), "member", m.GetId(), "err", err)
 			res.Unrepaired++
 			continue
@@ -166,23 +166,6 @@ func (o *OSD) scrubObject(ctx context.Context, r Route, id engine.ObjectID, memb
 		res.Repaired++
 	}
 	return nil
-}
-
-// pushRepair overwrites a member's copy with the primary's at the same version. The caller holds the lock.
-func (o *OSD) pushRepair(ctx context.Context, epoch uint64, member *basaltv1.StorageNode, id engine.ObjectID) error {
-	obj, err := o.readObjectLocked(ctx, id)
-	if err != nil {
-		return err
-	}
-	c, err := o.peers.Client(member)
-	if err != nil {
-		return err
-	}
-	_, err = c.PushObject(ctx, &basaltv1.PushObjectRequest{
-		Epoch: epoch, Primary: o.id, Object: &basaltv1.ObjectRef{Volume: id.Volume, Index: id.Index},
-		Version: obj.GetVersion(), Extents: obj.GetExtents(), Data: obj.GetData(), Repair: true,
-	})
-	return err
 }
 
 // RunScrubber scrubs every PG this node is primary of every interval (0: never), until ctx ends.
