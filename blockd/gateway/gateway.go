@@ -123,6 +123,7 @@ type piece struct {
 	off    int64 // within the object
 	length int64
 	at     int64 // within the request
+	slot   int   // position among the request's pieces, for gathering results
 }
 
 func pieces(off, length int64) []piece {
@@ -211,16 +212,15 @@ func (v *volume) Flush(ctx context.Context) error {
 func (v *volume) BlockStatus(ctx context.Context, off, length int64) ([]nbd.Extent, error) {
 	ps := pieces(off, length)
 	results := make([][]*basaltv1.Extent, len(ps))
+	for i := range ps {
+		ps[i].slot = i
+	}
 	err := each(ps, func(pc piece) error {
 		resp, err := v.g.op(ctx, v, pc, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_EXTENTS})
 		if err != nil {
 			return err
 		}
-		for i := range ps {
-			if ps[i].index == pc.index {
-				results[i] = resp.GetExtents()
-			}
-		}
+		results[pc.slot] = resp.GetExtents()
 		return nil
 	})
 	if err != nil {

@@ -12,10 +12,10 @@ func TestPiecesSplitAtObjectBoundaries(t *testing.T) {
 		off, length int64
 		want        []piece
 	}{
-		{0, 4096, []piece{{0, 0, 4096, 0}}},
-		{obj - 4096, 8192, []piece{{0, obj - 4096, 4096, 0}, {1, 0, 4096, 4096}}},
-		{obj, obj, []piece{{1, 0, obj, 0}}},
-		{512, 2*obj + 1024, []piece{{0, 512, obj - 512, 0}, {1, 0, obj, obj - 512}, {2, 0, 1536, 2*obj - 512}}},
+		{0, 4096, []piece{{0, 0, 4096, 0, 0}}},
+		{obj - 4096, 8192, []piece{{0, obj - 4096, 4096, 0, 0}, {1, 0, 4096, 4096, 0}}},
+		{obj, obj, []piece{{1, 0, obj, 0, 0}}},
+		{512, 2*obj + 1024, []piece{{0, 512, obj - 512, 0, 0}, {1, 0, obj, obj - 512, 0}, {2, 0, 1536, 2*obj - 512, 0}}},
 		{5 * obj, 0, nil},
 	} {
 		got := pieces(tc.off, tc.length)

@@ -454,21 +454,6 @@ func (st *pgState) pending() int {
 	return n
 }
 
-// RecoveryPending counts objects this node, as primary, still has to push to members.
-func (o *OSD) RecoveryPending() int {
-	o.pgMu.Lock()
-	defer o.pgMu.Unlock()
-	n := 0
-	for _, st := range o.pgs {
-		select {
-		case <-st.ready:
-			n += st.pending()
-		default:
-		}
-	}
-	return n
-}
-
 // rateLimiter is a token bucket in bytes per second; zero means unlimited.
 type rateLimiter struct {
 	mu     sync.Mutex

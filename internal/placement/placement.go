@@ -132,14 +132,3 @@ func Node(m *basaltv1.ClusterMap, id string) *basaltv1.StorageNode {
 	}
 	return nil
 }
-
-// FailureDomains counts the distinct failure domains among the nodes that are in.
-func FailureDomains(m *basaltv1.ClusterMap) int {
-	d := map[string]bool{}
-	for _, n := range m.GetNodes() {
-		if n.GetIn() {
-			d[n.GetFailureDomain()] = true
-		}
-	}
-	return len(d)
-}

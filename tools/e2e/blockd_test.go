@@ -589,4 +589,17 @@ func TestAttachRightAfterCreate(t *testing.T) {
 			t.Fatalf("attach %s right after create: %v\n%s", uri, err, out)
 		}
 	}
+	// Block status through a gateway that is not necessarily the primary: the written 4 KiB is data, the
+	// rest of the 8 MiB volume (two objects) a hole.
+	if _, err := exec.LookPath("nbdinfo"); err == nil {
+		out, err := exec.Command("nbdinfo", "--map", fmt.Sprintf("nbd://127.0.0.1:%d/fresh0", base+21)).CombinedOutput()
+		want := [][]string{{"0", "4096", "0", "data"}, {"4096", "8384512", "3", "hole,zero"}}
+		var got [][]string
+		for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			got = append(got, strings.Fields(l))
+		}
+		if err != nil || fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("nbdinfo --map: %v\n%s", err, out)
+		}
+	}
 }
