@@ -1,0 +1,169 @@
+// Package hypervisor is the seam between computed and the programs that run guests. It defines what a driver
+// must do (start a machine from a Spec, find it again after computed restarts, stop, pause, migrate, resize and
+// meter it) and nothing about how; the qemu and cloudhv packages implement it. It depends on the standard
+// library only, so drivers and computed can both import it.
+package hypervisor
+
+import (
+	"context"
+	"errors"
+	"io"
+	"time"
+)
+
+// Firmware is how a machine boots.
+type Firmware int
+
+const (
+	// FirmwareBIOS boots from the first bootable disk through SeaBIOS (QEMU) or the hypervisor's default.
+	FirmwareBIOS Firmware = iota
+	// FirmwareUEFI boots through OVMF.
+	FirmwareUEFI
+	// FirmwareUEFISecureBoot boots through OVMF with Secure Boot enforced.
+	FirmwareUEFISecureBoot
+	// FirmwareDirectKernel boots Spec.Kernel with Spec.Initrd and Spec.Cmdline, no firmware.
+	FirmwareDirectKernel
+)
+
+// Disk is a guest disk reached over NBD.
+type Disk struct {
+	// ID names the disk inside the machine (stable across migration and hot-plug).
+	ID string
+	// NBDSocket is the Unix socket of the local blockd's NBD server; Export is the volume name.
+	NBDSocket string
+	Export    string
+	ReadOnly  bool
+	// BootIndex orders boot devices; 0 means not bootable.
+	BootIndex int
+}
+
+// NIC is a guest network interface on a host tap device that netd created.
+type NIC struct {
+	ID  string
+	MAC string
+	Tap string
+}
+
+// Spec declares a machine. Memory sizes are bytes.
+type Spec struct {
+	// ID is unique on the host and names the machine's run directory.
+	ID     string
+	VCPUs  int
+	Memory uint64
+	// MaxMemory bounds the balloon target; 0 means Memory.
+	MaxMemory uint64
+	Disks     []Disk
+	NICs      []NIC
+	Firmware  Firmware
+	Kernel    string
+	Initrd    string
+	Cmdline   string
+	// RunDir holds the machine's control sockets, pid file and console log; the driver creates it.
+	RunDir string
+}
+
+// State is what a machine is doing.
+type State string
+
+const (
+	StateRunning   State = "running"
+	StatePaused    State = "paused"
+	StateMigrating State = "migrating"
+	// StateIncoming is a destination process waiting for a migration stream.
+	StateIncoming State = "incoming"
+	StateShutdown State = "shutdown"
+)
+
+// Info is a machine's observed state.
+type Info struct {
+	State State
+	VCPUs int
+	// Memory is the guest's configured memory; BalloonActual what the balloon leaves it (0 if no balloon).
+	Memory        uint64
+	BalloonActual uint64
+	// PID of the hypervisor process.
+	PID int
+	// Accel is the accelerator in use, e.g. "kvm" or "tcg".
+	Accel string
+}
+
+// DiskStats counts a disk's I/O since the machine started.
+type DiskStats struct {
+	ReadBytes, WriteBytes, ReadOps, WriteOps uint64
+}
+
+// Stats is a machine's meters.
+type Stats struct {
+	CPUTime       time.Duration
+	BalloonActual uint64
+	Disks         map[string]DiskStats
+}
+
+// MigrateOptions tunes a live migration.
+type MigrateOptions struct {
+	// Compress turns on the hypervisor's stream compression (QEMU multifd zlib/zstd).
+	Compress bool
+	// BandwidthBytes limits the stream, in bytes per second; 0 means unlimited.
+	BandwidthBytes uint64
+	// MaxDowntime is the longest pause the switchover may cause; 0 means the driver's default.
+	MaxDowntime time.Duration
+}
+
+// MigrationStatus is a migration's progress.
+type MigrationStatus struct {
+	// Status is the hypervisor's word for it: "active", "completed", "failed", "cancelled", ...
+	Status           string
+	TransferredBytes uint64
+	RemainingBytes   uint64
+	TotalBytes       uint64
+	// Downtime is the measured switchover pause, once completed.
+	Downtime time.Duration
+}
+
+// ErrNotFound means no machine with that ID runs on this host.
+var ErrNotFound = errors.New("machine not found")
+
+// Driver starts and finds machines of one hypervisor.
+type Driver interface {
+	// Name is the driver's name, e.g. "qemu".
+	Name() string
+	// Start launches a machine from spec and boots it.
+	Start(ctx context.Context, spec Spec) (Machine, error)
+	// StartIncoming launches a machine from spec that waits for a live migration instead of booting, and returns
+	// the URI the source must send to.
+	StartIncoming(ctx context.Context, spec Spec, listenHost string) (Machine, string, error)
+	// Find reconnects to a machine that was started before computed restarted; ErrNotFound if it is not running.
+	Find(ctx context.Context, spec Spec) (Machine, error)
+}
+
+// Machine is one running hypervisor process. Its methods are safe for concurrent use.
+type Machine interface {
+	ID() string
+	Info(ctx context.Context) (Info, error)
+	Stats(ctx context.Context) (Stats, error)
+	// Shutdown asks the guest to power off (ACPI) and returns without waiting; Wait tells when it has.
+	Shutdown(ctx context.Context) error
+	// Kill stops the hypervisor process at once.
+	Kill(ctx context.Context) error
+	// Wait returns when the hypervisor process has exited.
+	Wait(ctx context.Context) error
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
+	// SetBalloon sets the memory the guest may use, within (0, MaxMemory].
+	SetBalloon(ctx context.Context, bytes uint64) error
+	AddDisk(ctx context.Context, d Disk) error
+	RemoveDisk(ctx context.Context, id string) error
+	AddNIC(ctx context.Context, n NIC) error
+	RemoveNIC(ctx context.Context, id string) error
+	// Console opens the guest's serial console. There is one such stream per machine; computed multiplexes it
+	// to viewers and to the console log.
+	Console(ctx context.Context) (io.ReadWriteCloser, error)
+	// Migrate sends the machine's memory and device state to uri (from the destination's StartIncoming) and
+	// returns once the migration has completed, failed or been cancelled; progress is called periodically. On
+	// success the source machine is left stopped; on failure it keeps running here.
+	Migrate(ctx context.Context, uri string, opts MigrateOptions, progress func(MigrationStatus)) (MigrationStatus, error)
+	// CancelMigration cancels a migration in flight; the machine keeps running here.
+	CancelMigration(ctx context.Context) error
+	// Close releases the driver's handles to the machine without stopping it.
+	Close() error
+}
