@@ -7,7 +7,9 @@ DAEMONS := tools/cmd/basalt tools/cmd/basalt-bench metad/cmd/metad blockd/cmd/bl
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/basalt-hv/basalt/internal/buildinfo.version=$(VERSION)
 
-# Pinned code generators for `make proto`.
+# Pinned code generators for `make proto`, and the files it compiles (PROTO_FILES=proto/basalt/v1/vm.proto
+# regenerates one file's code only).
+PROTO_FILES ?= proto/basalt/v1/*.proto
 PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 
@@ -60,7 +62,7 @@ proto:
 	protoc -I proto -I /usr/include \
 	  --plugin=protoc-gen-go=$(BIN)/protoc-gen-go --go_out=proto --go_opt=paths=source_relative \
 	  --plugin=protoc-gen-go-grpc=$(BIN)/protoc-gen-go-grpc --go-grpc_out=proto --go-grpc_opt=paths=source_relative \
-	  proto/basalt/v1/*.proto
+	  $(PROTO_FILES)
 
 clean:
 	rm -rf $(BIN)
