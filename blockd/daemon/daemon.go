@@ -116,15 +116,14 @@ func Wire(ctx context.Context, n *node.Node, c Config) (_ func(), err error) {
 		n.Log.Error("storage engine failed; stopping this node", "err", err)
 		syscall.Kill(os.Getpid(), syscall.SIGTERM)
 	}
-	basaltv1.RegisterBlockServiceServer(n.GRPC, o)
-	bg.Add(2)
+	gw := &gateway.Gateway{OSD: o, View: v, Store: n.Store, Peers: peers, OpTimeout: c.OpTimeout, Log: n.Log.With("component", "gateway")}
+	basaltv1.RegisterBlockServiceServer(n.GRPC, &blockService{OSD: o, gw: gw})
+	bg.Add(3)
 	go func() { defer bg.Done(); o.Run(vctx) }()
 	go func() { defer bg.Done(); o.RunScrubber(vctx, c.ScrubInterval) }()
+	go func() { defer bg.Done(); o.RunMerges(vctx) }()
 
-	srv := &nbd.Server{
-		Exports: &gateway.Gateway{OSD: o, View: v, Store: n.Store, Peers: peers, OpTimeout: c.OpTimeout, Log: n.Log.With("component", "gateway")},
-		Logger:  n.Log.With("component", "nbd"),
-	}
+	srv := &nbd.Server{Exports: gw, Logger: n.Log.With("component", "nbd")}
 	var listeners []net.Listener
 	if c.NBDListen != "" {
 		ln, err := net.Listen("tcp", c.NBDListen)

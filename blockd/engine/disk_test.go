@@ -70,8 +70,12 @@ func locate(t testing.TB, e *Engine, id ObjectID, b uint32) (string, int64) {
 	if o == nil {
 		t.Fatalf("no object %v", id)
 	}
-	for _, x := range overlappingInto(o, b, b+1, nil) {
-		return e.ix.segs[x.seg].path, x.off + int64(b-x.start)*BlockSize
+	for i := len(o.layers) - 1; i >= 0; i-- {
+		for _, x := range overlappingInto(o.layers[i].tree, b, b+1, nil) {
+			if !x.zero() {
+				return e.ix.segs[x.seg].path, int64(x.off) + int64(b-x.start)*BlockSize
+			}
+		}
 	}
 	t.Fatalf("block %d of %v is a hole", b, id)
 	return "", 0
@@ -540,7 +544,7 @@ func TestDeleteVolumeWhileOldSegmentsRemain(t *testing.T) {
 		t.Fatalf("volume 5 after delete and one new write: %v", objs)
 	}
 	ext, _ := e.Extents(ctx, ObjectID{5, 3}, 0, 4*BlockSize)
-	if want := []Extent{{0, BlockSize, true}, {BlockSize, BlockSize, false}, {2 * BlockSize, 2 * BlockSize, true}}; !equalExtents(ext, want) {
+	if want := []Extent{{0, BlockSize, true, false}, {BlockSize, BlockSize, false, false}, {2 * BlockSize, 2 * BlockSize, true, false}}; !equalExtents(ext, want) {
 		t.Fatalf("extents %v, want %v", ext, want)
 	}
 	if len(e.Objects(6)) != 8 {

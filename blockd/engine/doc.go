@@ -18,7 +18,7 @@
 //     log, found by its checksums and cut off at recovery.
 //   - Snapshots. Checkpoints and clones (redirect-on-write, O(1)
 //     snapshots) follow from never overwriting: an old version stays where
-//     it is for as long as a snapshot references it.
+//     it is for as long as a checkpoint's layer references it.
 //   - Speed. Sequential appends are the fastest write pattern on every
 //     device, and one append position makes group commit natural.
 //
@@ -31,12 +31,26 @@
 // of a block is merged with the block's current content first, with an
 // optimistic compare-and-swap against concurrent writers of the same block.
 //
-// In memory, each object has a B-tree of extents mapping block ranges to
-// the record that holds them, and each segment a table of the CRCs of its
-// blocks, so a read is one pread per extent and verifies every block it
-// returns. Memory grows with data written (about 1 MiB per GiB for CRCs
-// plus 32 bytes per extent), never with volume size: a petabyte volume
-// with one block written costs one extent.
+// In memory, each object has, per layer, a B-tree of extents mapping block
+// ranges to the record that holds them, and each segment a table of the
+// CRCs of its blocks, so a read is one pread per extent and verifies every
+// block it returns. Memory grows with data written (about 1 MiB per GiB
+// for CRCs plus 32 bytes per extent), never with volume size: a petabyte
+// volume with one block written costs one extent.
+//
+// # Layers
+//
+// Every write and trim carries a layer tag: the id of its volume's newest
+// checkpoint (0 if none). An object is a stack of layers keyed by tag; a
+// view reads the head (all layers) or a checkpoint c (the layers below c).
+// Within a layer the record with the higher (tag, sequence number) wins.
+// Trims above layer 0, and opaque trims, record zero extents, which hide
+// what is beneath; a range in no layer is a hole the caller may fill from a
+// linked clone's parent. DeleteCheckpoint records the deletion durably in a
+// small table and then merges the layer into the one below in memory,
+// object by object: the blocks it shadows become garbage for the
+// collector, and no data is copied. Changed, Layers/ReadLayer, ClearObject
+// and Usage serve incremental copies, wholesale copies and accounting.
 //
 // Open replays the log, reading headers and CRC arrays but not data, except
 // for the tail of the last segment written after the last sync marker: a
@@ -47,6 +61,6 @@
 // deletes them once the copies are durable.
 //
 // docs/engine.md describes the format byte by byte, recovery, collection,
-// durability, memory use, limits and what is left for later (index
-// checkpoints for fast restarts, snapshot generations).
+// layers and merges, durability, memory use, limits and what is left for
+// later (index checkpoints for fast restarts).
 package engine

@@ -73,22 +73,39 @@ type WriteOptions struct {
 	Version uint64
 	// Sync (FUA) makes the call return only once the write is durable.
 	Sync bool
+	// Layer is the write's layer tag: the id of the volume's newest
+	// checkpoint when the write was made, 0 if none (see docs/engine.md,
+	// Layers). Writes to an object normally come with non-decreasing tags,
+	// but the engine does not rely on it: a write with tag t goes into the
+	// effective layer of t whatever the object's other layers are, and
+	// within a layer the record with the higher (tag, sequence number)
+	// wins.
+	Layer uint32
+	// Opaque (Trim only): the trimmed range must read as zeros even over
+	// what lies beneath this object (a linked clone's parent), so the trim
+	// records zero extents even in layer 0 and even if the engine holds
+	// nothing of the object (the trim then creates the object and records
+	// its version).
+	Opaque bool
 }
 
-// Extent is a run of an object's address space that holds data or is a
-// hole (reads as zeros and takes no space).
+// Extent is a run of an object's address space that holds data, is a zero
+// extent (Zero: explicit zeros recorded by a trim, which hide lower layers
+// and whatever lies beneath the object) or is a hole (Hole: absent from
+// every layer of the view; reads as zeros, takes no space, and may be
+// filled by the caller from elsewhere, such as a linked clone's parent).
 type Extent struct {
 	Offset, Length int64
-	Hole           bool
+	Hole, Zero     bool
 }
 
 // Stats is a snapshot of the engine's counters.
 type Stats struct {
 	Segments  int   // segment files
 	DiskBytes int64 // bytes of all segments
-	LiveBytes int64 // bytes of data blocks reachable through the index
-	Objects   int   // objects holding data
-	Extents   int   // index entries
+	LiveBytes int64 // bytes of data blocks reachable through the index, all layers
+	Objects   int   // objects holding data or zero extents
+	Extents   int   // index entries (data and zero extents, all layers)
 	LastSeq   uint64
 
 	SyncRequests uint64 // Sync calls and FUA writes that needed a sync
@@ -259,12 +276,13 @@ func (e *Engine) ObjectVersion(id ObjectID) uint64 {
 	return 0
 }
 
-// Objects returns the objects of a volume that hold data, sorted by index.
+// Objects returns the objects of a volume that hold data or zero extents
+// in any layer, sorted by index.
 func (e *Engine) Objects(volume uint64) []ObjectID {
 	e.idx.RLock()
 	var ids []ObjectID
 	for i, o := range e.ix.vols[volume] {
-		if o.blocks > 0 {
+		if o.held() {
 			ids = append(ids, ObjectID{volume, i})
 		}
 	}
@@ -273,14 +291,14 @@ func (e *Engine) Objects(volume uint64) []ObjectID {
 	return ids
 }
 
-// AllObjects returns every object that holds data, sorted by volume and
-// index.
+// AllObjects returns every object that holds data or zero extents in any
+// layer, sorted by volume and index.
 func (e *Engine) AllObjects() []ObjectID {
 	e.idx.RLock()
 	var ids []ObjectID
 	for v, objs := range e.ix.vols {
 		for i, o := range objs {
-			if o.blocks > 0 {
+			if o.held() {
 				ids = append(ids, ObjectID{v, i})
 			}
 		}
@@ -299,7 +317,7 @@ func (e *Engine) KnownObjects() []ObjectID {
 	var ids []ObjectID
 	for v, objs := range e.ix.vols {
 		for i, o := range objs {
-			if o.blocks > 0 || o.version > 0 {
+			if o.held() || o.version > 0 {
 				ids = append(ids, ObjectID{v, i})
 			}
 		}

@@ -35,6 +35,11 @@ type CorruptError struct {
 	// Offset and Length are in bytes within the object, aligned to
 	// BlockSize: the whole blocks to rewrite to heal the damage.
 	Offset, Length int64
+	// Layer is the effective tag of the layer holding the bad blocks. A
+	// Write with that tag heals them only if no record of a higher tag
+	// was merged into the layer (see docs/engine.md, Layers); copying the
+	// object again (ClearObject, then its layers) always does.
+	Layer uint32
 	// Where the first bad block is stored, for the operator.
 	Segment    string
 	FileOffset int64

@@ -44,11 +44,13 @@ const (
 	recTrim    = 2 // blocks [start, start+count) become holes
 	recVersion = 3 // the object's version is at least version
 	recSync    = 4 // every byte of this segment before aux was durable
+	recClear   = 5 // every layer of the object loses the blocks of records with a lower sequence number
 )
 
 // Record flags.
 const (
-	flagGC = 1 << 0 // written by the garbage collector (a copy)
+	flagGC   = 1 << 0 // written by the garbage collector (a copy)
+	flagZero = 1 << 1 // TRIM: the blocks become zero extents in the record's layer instead of being removed
 )
 
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
@@ -65,6 +67,7 @@ type recHeader struct {
 	version uint64
 	seq     uint64
 	aux     uint64 // recSync: durable offset
+	tag     uint32 // WRITE, TRIM: the layer tag (raw: effective layers are derived from it at replay)
 }
 
 func align8(n int64) int64 { return (n + 7) &^ 7 }
@@ -104,7 +107,7 @@ func (h *recHeader) encode(b []byte, crcs []uint32) []byte {
 	le.PutUint64(b[32:], h.version)
 	le.PutUint64(b[40:], h.seq)
 	le.PutUint64(b[48:], h.aux)
-	le.PutUint32(b[56:], 0)
+	le.PutUint32(b[56:], h.tag)
 	if h.typ == recWrite {
 		for i, c := range crcs {
 			le.PutUint32(b[recHeaderSize+4*i:], c)
@@ -139,6 +142,10 @@ func decodeHeader(b []byte) (recHeader, error) {
 		version: le.Uint64(b[32:]),
 		seq:     le.Uint64(b[40:]),
 		aux:     le.Uint64(b[48:]),
+		tag:     le.Uint32(b[56:]),
+	}
+	if h.flags&flagZero != 0 && h.typ != recTrim {
+		return recHeader{}, fmt.Errorf("%w: zero flag on a record of type %d", errBadRecord, h.typ)
 	}
 	switch h.typ {
 	case recWrite, recTrim:
@@ -148,12 +155,12 @@ func decodeHeader(b []byte) (recHeader, error) {
 		if h.seq == 0 {
 			return recHeader{}, fmt.Errorf("%w: zero sequence number", errBadRecord)
 		}
-	case recVersion:
-		if h.count != 0 || h.start != 0 || h.seq == 0 {
-			return recHeader{}, fmt.Errorf("%w: malformed version record", errBadRecord)
+	case recVersion, recClear:
+		if h.count != 0 || h.start != 0 || h.seq == 0 || h.tag != 0 {
+			return recHeader{}, fmt.Errorf("%w: malformed record of type %d", errBadRecord, h.typ)
 		}
 	case recSync:
-		if h.count != 0 || h.start != 0 {
+		if h.count != 0 || h.start != 0 || h.tag != 0 {
 			return recHeader{}, fmt.Errorf("%w: malformed sync record", errBadRecord)
 		}
 	default:

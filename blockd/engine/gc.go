@@ -75,7 +75,7 @@ func (e *Engine) liveRatio(s *segment) float64 {
 	if size <= 0 {
 		return 0
 	}
-	live := s.liveBlocks*BlockSize + s.verObjs*recHeaderSize
+	live := s.liveBlocks*BlockSize + (s.verObjs+s.liveZeros)*recHeaderSize
 	if s.trimBytes > 0 && e.oldestFirstSeqExcept(s) < s.maxTrimSeq {
 		live += s.trimBytes
 	}
@@ -196,6 +196,7 @@ type gcRec struct {
 type gcPiece struct {
 	id           ObjectID
 	seq          uint64
+	tag          uint32
 	start, count uint32
 	off          int64 // file offset in the old segment
 	crcs         []uint32
@@ -217,7 +218,7 @@ func (e *Engine) collect(ctx context.Context, s *segment, lim *limiter) error {
 	size := s.size.Load()
 	sc := newScanner(s.fd, size)
 	seen := make(map[ObjectID]struct{})
-	var trims []recHeader
+	var trims, zeroTrims []recHeader
 	var batch []gcRec
 	batchBlocks := 0
 	var copied int64
@@ -235,6 +236,13 @@ func (e *Engine) collect(ctx context.Context, s *segment, lim *limiter) error {
 			batch = append(batch, gcRec{h: h, dataOff: off + recHeaderSize + h.crcArrayLen()})
 			batchBlocks += int(h.count)
 		case recTrim:
+			seen[h.id] = struct{}{}
+			if h.flags&flagZero != 0 {
+				zeroTrims = append(zeroTrims, h)
+			} else {
+				trims = append(trims, h)
+			}
+		case recClear:
 			seen[h.id] = struct{}{}
 			trims = append(trims, h)
 		case recVersion:
@@ -256,7 +264,7 @@ func (e *Engine) collect(ctx context.Context, s *segment, lim *limiter) error {
 			}
 		}
 	}
-	if err := e.keepMetadata(s, trims, seen); err != nil {
+	if err := e.keepMetadata(s, trims, zeroTrims, seen); err != nil {
 		return err
 	}
 	hook("gc-copied")
@@ -269,10 +277,10 @@ func (e *Engine) collect(ctx context.Context, s *segment, lim *limiter) error {
 	hook("gc-synced")
 
 	e.idx.Lock()
-	if s.liveBlocks != 0 || s.verObjs != 0 {
+	if s.liveBlocks != 0 || s.verObjs != 0 || s.liveZeros != 0 {
 		e.idx.Unlock()
-		return fmt.Errorf("internal error: %s still referenced after compaction (%d blocks, %d versions)",
-			segName(s.id), s.liveBlocks, s.verObjs)
+		return fmt.Errorf("internal error: %s still referenced after compaction (%d blocks, %d versions, %d zero extents)",
+			segName(s.id), s.liveBlocks, s.verObjs, s.liveZeros)
 	}
 	delete(e.ix.segs, s.id)
 	e.idx.Unlock()
@@ -298,20 +306,13 @@ func (e *Engine) copyLive(s *segment, batch []gcRec) (int64, error) {
 	total := 0
 	e.idx.RLock()
 	for _, r := range batch {
-		o := e.ix.lookup(r.h.id)
-		if o == nil {
-			continue
-		}
-		xs = overlappingInto(o, r.h.start, r.h.start+r.h.count, xs[:0])
+		xs = liveExtents(e.ix.lookup(r.h.id), s.id, r.h.seq, r.h.start, r.h.start+r.h.count, false, xs[:0])
 		for _, x := range xs {
-			if x.seg != s.id || x.seq != r.h.seq {
-				continue
-			}
 			cs, ce := max(x.start, r.h.start), min(x.end(), r.h.start+r.h.count)
 			d := cs - x.start
 			pieces = append(pieces, gcPiece{
-				id: r.h.id, seq: r.h.seq, start: cs, count: ce - cs,
-				off:  x.off + int64(d)*BlockSize,
+				id: r.h.id, seq: r.h.seq, tag: x.tag, start: cs, count: ce - cs,
+				off:  int64(x.off) + int64(d)*BlockSize,
 				crcs: slices.Clone(s.crcs[x.crcIdx+d : x.crcIdx+d+(ce-cs)]),
 				buf:  total,
 			})
@@ -349,20 +350,16 @@ func (e *Engine) copyLive(s *segment, batch []gcRec) (int64, error) {
 	defer e.appendMu.Unlock()
 	for _, pc := range pieces {
 		o := e.ix.lookup(pc.id)
-		if o == nil {
-			continue
-		}
-		xs = overlappingInto(o, pc.start, pc.start+pc.count, xs[:0])
+		xs = liveExtents(o, s.id, pc.seq, pc.start, pc.start+pc.count, false, xs[:0])
 		for _, x := range xs {
-			if x.seg != s.id || x.seq != pc.seq {
-				continue
-			}
 			cs, ce := max(x.start, pc.start), min(x.end(), pc.start+pc.count)
 			for cs < ce {
 				n := min(ce-cs, e.maxRecBlocks)
 				i := cs - pc.start
 				data := buf[pc.buf+int(i)*BlockSize : pc.buf+int(i+n)*BlockSize]
-				h := recHeader{typ: recWrite, flags: flagGC, count: n, start: cs, id: pc.id, version: o.version}
+				// The copy keeps the raw tag, so it goes back into the same
+				// layer and ranks there as the original did.
+				h := recHeader{typ: recWrite, flags: flagGC, count: n, start: cs, id: pc.id, version: o.version, tag: x.tag}
 				if err := e.appendAndApplyLocked(&h, pc.crcs[i:i+n], [][]byte{data}); err != nil {
 					return copied, err
 				}
@@ -374,30 +371,49 @@ func (e *Engine) copyLive(s *segment, batch []gcRec) (int64, error) {
 	return copied, nil
 }
 
-// overlappingInto appends the extents of o overlapping [s, t) to dst.
-func overlappingInto(o *object, s, t uint32, dst []extent) []extent {
-	o.tree.DescendLessOrEqual(extent{start: s}, func(x extent) bool {
-		if x.end() > s {
-			dst = append(dst, x)
+// liveExtents appends to dst the extents of o in [start, end), in any
+// layer, that still come from the record with sequence number seq in
+// segment seg: data extents, or zero extents if zero.
+func liveExtents(o *object, seg uint32, seq uint64, start, end uint32, zero bool, dst []extent) []extent {
+	if o == nil {
+		return dst
+	}
+	for _, l := range o.layers {
+		n := len(dst)
+		dst = overlappingInto(l.tree, start, end, dst)
+		kept := dst[:n]
+		for _, x := range dst[n:] {
+			if x.seg == seg && x.seq == seq && x.zero() == zero {
+				kept = append(kept, x)
+			}
 		}
-		return false
-	})
-	o.tree.AscendRange(extent{start: s + 1}, extent{start: t}, func(x extent) bool {
-		dst = append(dst, x)
-		return true
-	})
+		dst = kept
+	}
 	return dst
 }
 
-// keepMetadata copies the trims of s that may still shadow older data, and
-// writes a version record for every object whose version was carried only
-// by s. gcMu held.
-func (e *Engine) keepMetadata(s *segment, trims []recHeader, seen map[ObjectID]struct{}) error {
+// keepMetadata copies the zero extents of s that are still live (like
+// data: new sequence numbers, the same tags), copies the removal trims
+// and clears of s that may still hide older data (with their sequence
+// numbers), and writes a version record for every object whose version
+// was carried only by s. gcMu held.
+func (e *Engine) keepMetadata(s *segment, trims, zeroTrims []recHeader, seen map[ObjectID]struct{}) error {
 	e.appendMu.Lock()
 	defer e.appendMu.Unlock()
 	e.idx.RLock()
 	oldest := e.oldestFirstSeqExcept(s)
 	e.idx.RUnlock()
+	var xs []extent
+	for _, t := range zeroTrims {
+		o := e.ix.lookup(t.id)
+		xs = liveExtents(o, s.id, t.seq, t.start, t.start+t.count, true, xs[:0])
+		for _, x := range xs {
+			h := recHeader{typ: recTrim, flags: flagGC | flagZero, count: x.count, start: x.start, id: t.id, version: o.version, tag: x.tag}
+			if err := e.appendAndApplyLocked(&h, nil, nil); err != nil {
+				return err
+			}
+		}
+	}
 	for _, t := range trims {
 		if d, ok := e.deleted[t.id.Volume]; ok && t.seq < d {
 			continue // its volume was deleted after it

@@ -1,70 +1,139 @@
 package engine
 
 import (
+	"cmp"
 	"context"
-	"crypto/sha256"
 	"fmt"
+	"slices"
 )
 
-// piece is a run of blocks of one extent, clipped to a request, with a
-// reference on its segment.
+// piece is a run of data blocks of one extent, clipped to a request, with
+// a reference on its segment.
 type piece struct {
 	start, count uint32 // blocks in the object
 	seg          *segment
 	off          int64    // file offset of block start
 	crcs         []uint32 // CRC of each block
 	seq          uint64
+	layer        uint32 // effective tag of the layer the extent is in
+}
+
+// span is a run of blocks [lo, hi).
+type span struct{ lo, hi uint32 }
+
+// resolver finds what a set of layers shows in a run of blocks: in each
+// block, the extent of the highest layer of the set that covers it. It
+// keeps its scratch between calls (it lives in the pooled readState), so
+// that reads do not allocate.
+type resolver struct {
+	out        []extent
+	gaps, next []span
+	found      []extent
+	lo         uint32
+	firstFn    func(extent) bool
+	restFn     func(extent) bool
+}
+
+func (r *resolver) init() {
+	r.firstFn = func(x extent) bool {
+		if x.end() > r.lo {
+			r.found = append(r.found, x)
+		}
+		return false
+	}
+	r.restFn = func(x extent) bool {
+		r.found = append(r.found, x)
+		return true
+	}
+}
+
+// resolve returns the extents of the layers of o in set that are visible in
+// blocks [lo, hi), clipped to it and sorted by start; blocks none covers
+// are absent from the result. The slice is valid until the next call.
+// Engine.idx held (for reading), or appendMu.
+func (r *resolver) resolve(ix *index, vol uint64, o *object, lo, hi uint32, set layerSet) []extent {
+	r.out = r.out[:0]
+	if o == nil || lo >= hi {
+		return r.out
+	}
+	r.gaps = append(r.gaps[:0], span{lo, hi})
+	used := 0
+	for i := len(o.layers) - 1; i >= 0 && len(r.gaps) > 0; i-- {
+		l := &o.layers[i]
+		if !ix.includes(vol, l, set) {
+			continue
+		}
+		n := len(r.out)
+		r.next = r.next[:0]
+		for _, g := range r.gaps {
+			r.found, r.lo = r.found[:0], g.lo
+			l.tree.DescendLessOrEqual(extent{start: g.lo}, r.firstFn)
+			l.tree.AscendRange(extent{start: g.lo + 1}, extent{start: g.hi}, r.restFn)
+			pos := g.lo
+			for _, x := range r.found {
+				s, t := max(x.start, g.lo), min(x.end(), g.hi)
+				if s >= t {
+					continue
+				}
+				if s > pos {
+					r.next = append(r.next, span{pos, s})
+				}
+				r.out = append(r.out, x.clip(s, t))
+				pos = t
+			}
+			if pos < g.hi {
+				r.next = append(r.next, span{pos, g.hi})
+			}
+		}
+		r.gaps, r.next = r.next, r.gaps
+		if len(r.out) > n {
+			used++
+		}
+	}
+	if used > 1 {
+		slices.SortFunc(r.out, func(a, b extent) int { return cmp.Compare(a.start, b.start) })
+	}
+	return r.out
 }
 
 // readState is the per-call scratch of reads, pooled so that the read path
 // does not allocate.
 type readState struct {
-	pieces  []piece
-	block   [BlockSize]byte
-	lo, hi  uint32
-	ix      *index
-	firstFn func(extent) bool
-	restFn  func(extent) bool
+	resolver
+	pieces []piece
+	block  [BlockSize]byte
 	// bad block range found by the current read
 	badFirst, badEnd uint32
 	badSeg           *segment
 	badOff           int64
+	badLayer         uint32
 }
 
 func newReadState() any {
 	rs := &readState{}
-	rs.firstFn = func(x extent) bool { rs.add(x); return false }
-	rs.restFn = func(x extent) bool { rs.add(x); return true }
+	rs.resolver.init()
 	return rs
 }
 
-func (rs *readState) add(x extent) {
-	s, t := max(x.start, rs.lo), min(x.end(), rs.hi)
-	if s >= t {
-		return
+// collect gathers, with references, the data extents visible through set
+// in blocks [lo, hi) of o. Engine.idx held for reading.
+func (rs *readState) collect(ix *index, vol uint64, o *object, lo, hi uint32, set layerSet) {
+	rs.pieces = rs.pieces[:0]
+	for _, x := range rs.resolve(ix, vol, o, lo, hi, set) {
+		if x.zero() {
+			continue
+		}
+		rs.pieces = append(rs.pieces, rs.piece(ix, vol, x))
 	}
-	seg := rs.ix.segs[x.seg]
-	seg.acquire()
-	d := s - x.start
-	rs.pieces = append(rs.pieces, piece{
-		start: s, count: t - s, seg: seg,
-		off:  x.off + int64(d)*BlockSize,
-		crcs: seg.crcs[x.crcIdx+d : x.crcIdx+d+(t-s)],
-		seq:  x.seq,
-	})
 }
 
-// collect gathers, with references, the extents of o overlapping blocks
-// [lo, hi). Engine.idx held for reading.
-func (rs *readState) collect(ix *index, o *object, lo, hi uint32) {
-	rs.pieces = rs.pieces[:0]
-	if o == nil {
-		return
-	}
-	rs.lo, rs.hi, rs.ix = lo, hi, ix
-	o.tree.DescendLessOrEqual(extent{start: lo}, rs.firstFn)
-	o.tree.AscendRange(extent{start: lo + 1}, extent{start: hi}, rs.restFn)
-	rs.ix = nil
+// piece returns the piece for data extent x of an object of vol, with a
+// reference on its segment. Engine.idx held.
+func (rs *readState) piece(ix *index, vol uint64, x extent) piece {
+	seg := ix.segs[x.seg]
+	seg.acquire()
+	return piece{start: x.start, count: x.count, seg: seg, off: int64(x.off), crcs: seg.crcs[x.crcIdx : x.crcIdx+x.count],
+		seq: x.seq, layer: ix.eff(vol, x.tag)}
 }
 
 func (rs *readState) release() {
@@ -83,7 +152,7 @@ func (rs *readState) verify(pc *piece, b uint32, p []byte) {
 		bb := b + uint32(i/BlockSize)
 		if crc32c(p[i:i+BlockSize]) != pc.crcs[bb-pc.start] {
 			if rs.badSeg == nil {
-				rs.badFirst, rs.badSeg = bb, pc.seg
+				rs.badFirst, rs.badSeg, rs.badLayer = bb, pc.seg, pc.layer
 				rs.badOff = pc.off + int64(bb-pc.start)*BlockSize
 			}
 			rs.badEnd = bb + 1
@@ -97,17 +166,24 @@ func (rs *readState) corruptErr(id ObjectID) error {
 	}
 	return &CorruptError{
 		ID: id, Offset: int64(rs.badFirst) * BlockSize, Length: int64(rs.badEnd-rs.badFirst) * BlockSize,
-		Segment: segName(rs.badSeg.id), FileOffset: rs.badOff,
+		Layer: rs.badLayer, Segment: segName(rs.badSeg.id), FileOffset: rs.badOff,
 	}
 }
 
-// Read fills p with the object's content at off. off and len(p) must be
-// multiples of SectorSize within the object. Holes read as zeros. Every
-// block is verified against its CRC; a mismatch returns a *CorruptError
-// (errors.Is ErrCorrupt) naming the damaged blocks.
+// Read fills p with the object's content at off, as the head sees it (all
+// layers). off and len(p) must be multiples of SectorSize within the
+// object. Holes and zero extents read as zeros. Every block is verified
+// against its CRC; a mismatch returns a *CorruptError (errors.Is
+// ErrCorrupt) naming the damaged blocks.
 func (e *Engine) Read(ctx context.Context, id ObjectID, off int64, p []byte) error {
+	return e.ReadView(ctx, id, 0, off, p)
+}
+
+// ReadView is Read through a view: 0 is the head (every layer), c > 0 the
+// content of checkpoint c (the layers whose effective tag is below c).
+func (e *Engine) ReadView(ctx context.Context, id ObjectID, view uint32, off int64, p []byte) error {
 	if err := checkRange(off, int64(len(p))); err != nil {
-		return fmt.Errorf("engine: read %v at %d length %d: %w", id, off, len(p), err)
+		return fmt.Errorf("engine: read %v view %d at %d length %d: %w", id, view, off, len(p), err)
 	}
 	if err := ctxErr(ctx); err != nil {
 		return err
@@ -116,13 +192,13 @@ func (e *Engine) Read(ctx context.Context, id ObjectID, off int64, p []byte) err
 		return ErrClosed
 	}
 	defer e.leave()
-	if err := e.read(id, off, p); err != nil {
-		return fmt.Errorf("engine: read %v at %d length %d: %w", id, off, len(p), err)
+	if err := e.read(id, off, p, viewSet(view)); err != nil {
+		return fmt.Errorf("engine: read %v view %d at %d length %d: %w", id, view, off, len(p), err)
 	}
 	return nil
 }
 
-func (e *Engine) read(id ObjectID, off int64, p []byte) error {
+func (e *Engine) read(id ObjectID, off int64, p []byte, set layerSet) error {
 	if len(p) == 0 {
 		return nil
 	}
@@ -131,10 +207,15 @@ func (e *Engine) read(id ObjectID, off int64, p []byte) error {
 	lo := uint32(off / BlockSize)
 	hi := uint32((off + int64(len(p)) + BlockSize - 1) / BlockSize)
 	e.idx.RLock()
-	rs.collect(e.ix, e.ix.lookup(id), lo, hi)
+	rs.collect(e.ix, id.Volume, e.ix.lookup(id), lo, hi, set)
 	e.idx.RUnlock()
 	defer rs.release()
+	return rs.readPieces(id, off, p)
+}
 
+// readPieces fills p, which holds the object from off, from the collected
+// pieces, and zeros where there is none.
+func (rs *readState) readPieces(id ObjectID, off int64, p []byte) error {
 	end := off + int64(len(p))
 	pos := off // bytes of the object before pos are filled
 	for i := range rs.pieces {
@@ -193,19 +274,27 @@ func (rs *readState) readPiece(pc *piece, p []byte, off int64) error {
 	return nil
 }
 
-// readBlock reads block b of id into buf, verified, and returns the
-// sequence number of the record it came from (0 for a hole, which reads as
-// zeros).
-func (e *Engine) readBlock(id ObjectID, b uint32, buf []byte) (uint64, error) {
+// readBlock reads block b of id, as set sees it, into buf, verified, and
+// returns its stamp: the sequence number of the record the block came from
+// (a WRITE, or a TRIM for a zero extent), 0 if no layer of set holds it.
+// Zero extents and absent blocks read as zeros.
+func (e *Engine) readBlock(id ObjectID, b uint32, buf []byte, set layerSet) (uint64, error) {
 	rs := e.readPool.Get().(*readState)
 	defer e.readPool.Put(rs)
+	rs.pieces = rs.pieces[:0]
+	var stamp uint64
 	e.idx.RLock()
-	rs.collect(e.ix, e.ix.lookup(id), b, b+1)
+	if xs := rs.resolve(e.ix, id.Volume, e.ix.lookup(id), b, b+1, set); len(xs) > 0 {
+		stamp = xs[0].seq
+		if !xs[0].zero() {
+			rs.pieces = append(rs.pieces, rs.piece(e.ix, id.Volume, xs[0]))
+		}
+	}
 	e.idx.RUnlock()
 	defer rs.release()
 	if len(rs.pieces) == 0 {
 		clear(buf)
-		return 0, nil
+		return stamp, nil
 	}
 	pc := &rs.pieces[0]
 	if err := pread(pc.seg.fd, buf, pc.off); err != nil {
@@ -215,15 +304,23 @@ func (e *Engine) readBlock(id ObjectID, b uint32, buf []byte) (uint64, error) {
 	if err := rs.corruptErr(id); err != nil {
 		return 0, err
 	}
-	return pc.seq, nil
+	return stamp, nil
 }
 
-// Extents describes [off, off+length) of the object as consecutive data
-// and hole extents, at block granularity, clipped to the range: a write of
-// one sector makes its whole block data.
+// Extents describes [off, off+length) of the object, as the head sees it,
+// as consecutive data, zero and hole extents: ExtentsView with view 0.
 func (e *Engine) Extents(ctx context.Context, id ObjectID, off, length int64) ([]Extent, error) {
+	return e.ExtentsView(ctx, id, 0, off, length)
+}
+
+// ExtentsView describes [off, off+length) of the object as a view sees it
+// (see ReadView): consecutive runs of data, zero extents (Zero) and holes
+// (Hole: in no layer of the view), runs of the same kind merged, at block
+// granularity, clipped to the range: a write of one sector makes its whole
+// block data.
+func (e *Engine) ExtentsView(ctx context.Context, id ObjectID, view uint32, off, length int64) ([]Extent, error) {
 	if err := checkRange(off, length); err != nil {
-		return nil, fmt.Errorf("engine: extents of %v at %d length %d: %w", id, off, length, err)
+		return nil, fmt.Errorf("engine: extents of %v view %d at %d length %d: %w", id, view, off, length, err)
 	}
 	if err := ctxErr(ctx); err != nil {
 		return nil, err
@@ -237,69 +334,46 @@ func (e *Engine) Extents(ctx context.Context, id ObjectID, off, length int64) ([
 	}
 	end := off + length
 	lo, hi := uint32(off/BlockSize), uint32((end+BlockSize-1)/BlockSize)
-	var runs []extent
+	var out extentList
+	rs := e.readPool.Get().(*readState)
+	defer e.readPool.Put(rs)
 	e.idx.RLock()
-	if o := e.ix.lookup(id); o != nil {
-		o.tree.DescendLessOrEqual(extent{start: lo}, func(x extent) bool {
-			if x.end() > lo {
-				runs = append(runs, x)
-			}
-			return false
-		})
-		o.tree.AscendRange(extent{start: lo + 1}, extent{start: hi}, func(x extent) bool {
-			runs = append(runs, x)
-			return true
-		})
+	for _, x := range rs.resolve(e.ix, id.Volume, e.ix.lookup(id), lo, hi, viewSet(view)) {
+		out.add(int64(x.start)*BlockSize, int64(x.end())*BlockSize, false, x.zero())
 	}
 	e.idx.RUnlock()
-
-	var out []Extent
-	add := func(s, t int64, hole bool) {
-		if t <= s {
-			return
-		}
-		if n := len(out); n > 0 && out[n-1].Hole == hole && out[n-1].Offset+out[n-1].Length == s {
-			out[n-1].Length += t - s
-			return
-		}
-		out = append(out, Extent{Offset: s, Length: t - s, Hole: hole})
-	}
-	pos := off
-	for _, x := range runs {
-		s, t := max(int64(x.start)*BlockSize, off), min(int64(x.end())*BlockSize, end)
-		add(pos, s, true)
-		add(s, t, false)
-		pos = t
-	}
-	add(pos, end, true)
-	return out, nil
+	return out.fill(off, end), nil
 }
 
-// ObjectChecksum returns the SHA-256 of the object's logical content: all
-// ObjectSize bytes, holes as zeros. Replicas with equal content have equal
-// checksums whatever their layout on disk. It reads (and verifies) the
-// object's data.
-func (e *Engine) ObjectChecksum(ctx context.Context, id ObjectID) ([sha256.Size]byte, error) {
-	var sum [sha256.Size]byte
-	if err := ctxErr(ctx); err != nil {
-		return sum, err
+// extentList builds a list of Extents from runs given in order, merging
+// adjacent runs of the same kind.
+type extentList []Extent
+
+func (l *extentList) add(s, t int64, hole, zero bool) {
+	if t <= s {
+		return
 	}
-	if !e.enter() {
-		return sum, ErrClosed
-	}
-	defer e.leave()
-	const chunk = 256 << 10
-	buf := make([]byte, chunk)
-	h := sha256.New()
-	for off := int64(0); off < ObjectSize; off += chunk {
-		if err := ctxErr(ctx); err != nil {
-			return sum, err
+	if n := len(*l); n > 0 {
+		last := &(*l)[n-1]
+		if last.Hole == hole && last.Zero == zero && last.Offset+last.Length == s {
+			last.Length += t - s
+			return
 		}
-		if err := e.read(id, off, buf); err != nil {
-			return sum, fmt.Errorf("engine: checksum of %v: %w", id, err)
-		}
-		h.Write(buf)
 	}
-	h.Sum(sum[:0])
-	return sum, nil
+	*l = append(*l, Extent{Offset: s, Length: t - s, Hole: hole, Zero: zero})
+}
+
+// fill returns the runs clipped to [off, end) with holes added between
+// them.
+func (l extentList) fill(off, end int64) []Extent {
+	var out extentList
+	pos := off
+	for _, x := range l {
+		s, t := min(max(x.Offset, off), end), max(min(x.Offset+x.Length, end), off)
+		out.add(pos, s, true, false)
+		out.add(s, t, false, x.Zero)
+		pos = max(pos, t)
+	}
+	out.add(pos, end, true, false)
+	return out
 }

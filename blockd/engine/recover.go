@@ -168,6 +168,8 @@ func (e *Engine) replayRecord(s *segment, h *recHeader, crcb []byte, off int64, 
 		e.ix.applyTrim(h, s)
 	case recVersion:
 		e.ix.applyVersion(h, s)
+	case recClear:
+		e.ix.applyClear(h, s)
 	}
 }
 

@@ -12,7 +12,7 @@ type ScrubStats struct {
 	BadBlocks int64 // blocks that failed their checksum
 }
 
-// Scrub reads every live block and verifies its CRC. For each run of bad
+// Scrub reads every live block of every layer and verifies its CRC. For each run of bad
 // blocks it calls bad with the object, the byte range (block aligned) and
 // a *CorruptError; bad is called without engine locks held and may call
 // the engine (for example to rewrite the range from a replica). Scrub
@@ -61,8 +61,20 @@ func (e *Engine) Scrub(ctx context.Context, bad func(id ObjectID, off, length in
 func (e *Engine) scrubObject(id ObjectID, buf []byte, st *ScrubStats) ([]CorruptError, error) {
 	rs := e.readPool.Get().(*readState)
 	defer e.readPool.Put(rs)
+	// Every data block of every layer: blocks shadowed by a higher layer
+	// are still live, checkpoints read them.
+	rs.pieces = rs.pieces[:0]
 	e.idx.RLock()
-	rs.collect(e.ix, e.ix.lookup(id), 0, objectBlocks)
+	if o := e.ix.lookup(id); o != nil {
+		for _, l := range o.layers {
+			l.tree.Ascend(func(x extent) bool {
+				if !x.zero() {
+					rs.pieces = append(rs.pieces, rs.piece(e.ix, id.Volume, x))
+				}
+				return true
+			})
+		}
+	}
 	e.idx.RUnlock()
 	var runs []CorruptError
 	var cur *CorruptError
@@ -89,12 +101,12 @@ func (e *Engine) scrubObject(id ObjectID, buf []byte, st *ScrubStats) ([]Corrupt
 					continue
 				}
 				st.BadBlocks++
-				if cur != nil && cur.Offset+cur.Length == int64(blk)*BlockSize {
+				if cur != nil && cur.Layer == pc.layer && cur.Offset+cur.Length == int64(blk)*BlockSize {
 					cur.Length += BlockSize
 					continue
 				}
 				flush()
-				cur = &CorruptError{ID: id, Offset: int64(blk) * BlockSize, Length: BlockSize,
+				cur = &CorruptError{ID: id, Offset: int64(blk) * BlockSize, Length: BlockSize, Layer: pc.layer,
 					Segment: segName(pc.seg.id), FileOffset: pc.off + int64(b+j)*BlockSize}
 			}
 			b += n

@@ -35,6 +35,7 @@ type segment struct {
 
 	// Accounting for the garbage collector, guarded by Engine.idx.
 	liveBlocks int64  // data blocks still referenced by the index
+	liveZeros  int64  // zero extents in the index whose TRIM record is here
 	trimBytes  int64  // bytes of trim records
 	maxTrimSeq uint64 // highest sequence number of a trim record
 	verObjs    int64  // objects whose version-carrying record is here

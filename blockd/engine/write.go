@@ -15,9 +15,11 @@ type writeState struct {
 	data       [][]byte
 }
 
-// Write stores p at off in the object. off and len(p) must be multiples of
-// SectorSize and the range must lie within the object. A write that covers
-// part of a block is merged with the block's current content. With o.Sync
+// Write stores p at off in the object, in the layer of o.Layer. off and
+// len(p) must be multiples of SectorSize and the range must lie within the
+// object. A write that covers part of a block is merged with the block's
+// content as the layers up to its own see it (lower layers included; a
+// block absent from all of them merges with zeros). With o.Sync
 // (FUA) the data is durable when Write returns nil; if ctx ends while it
 // waits for that, Write returns the context's error and the data, already
 // written, may or may not be durable. A failed Write may have stored part
@@ -36,7 +38,7 @@ func (e *Engine) Write(ctx context.Context, id ObjectID, off int64, p []byte, o 
 	var lsn uint64
 	if len(p) > 0 {
 		var err error
-		if lsn, err = e.write(id, off, p, o.Version); err != nil {
+		if lsn, err = e.write(id, off, p, o.Version, o.Layer); err != nil {
 			return fmt.Errorf("engine: write %v at %d length %d: %w", id, off, len(p), err)
 		}
 	}
@@ -58,7 +60,7 @@ func partialBlocks(off, n int64) (first, end uint32, headPart, tailPart bool) {
 	return
 }
 
-func (e *Engine) write(id ObjectID, off int64, p []byte, version uint64) (uint64, error) {
+func (e *Engine) write(id ObjectID, off int64, p []byte, version uint64, tag uint32) (uint64, error) {
 	ws := e.writePool.Get().(*writeState)
 	defer e.writePool.Put(ws)
 	first, end, headPart, tailPart := partialBlocks(off, int64(len(p)))
@@ -76,25 +78,27 @@ func (e *Engine) write(id ObjectID, off int64, p []byte, version uint64) (uint64
 	}
 	for {
 		// Read-modify-write of partly covered blocks is optimistic: the
-		// block's current extent is remembered (its sequence number, 0 for
-		// a hole) and checked again under appendMu; if another write got
-		// there first, merge again.
+		// stamp of the extent the block comes from (its sequence number, 0
+		// if absent) is remembered and checked again under appendMu; if
+		// another write got there first, merge again. Deleting a checkpoint
+		// changes no stamp: what the layers up to tag show is the same
+		// whether they are merged or not.
 		var hs, ts uint64
 		var err error
 		if headPart {
-			if hs, err = e.mergeBlock(id, first, ws.head[:], off, p); err != nil {
+			if hs, err = e.mergeBlock(id, first, ws.head[:], off, p, tag); err != nil {
 				return 0, err
 			}
 			crcs[0] = crc32c(ws.head[:])
 		}
 		if tailPart {
-			if ts, err = e.mergeBlock(id, end-1, ws.tail[:], off, p); err != nil {
+			if ts, err = e.mergeBlock(id, end-1, ws.tail[:], off, p, tag); err != nil {
 				return 0, err
 			}
 			crcs[nb-1] = crc32c(ws.tail[:])
 		}
 		e.appendMu.Lock()
-		if (headPart && e.stampLocked(id, first) != hs) || (tailPart && e.stampLocked(id, end-1) != ts) {
+		if (headPart && e.stampLocked(id, first, tag) != hs) || (tailPart && e.stampLocked(id, end-1, tag) != ts) {
 			e.appendMu.Unlock()
 			continue
 		}
@@ -118,7 +122,7 @@ func (e *Engine) write(id ObjectID, off int64, p []byte, version uint64) (uint64
 				data = append(data, ws.tail[:])
 			}
 			ws.data = data
-			h := recHeader{typ: recWrite, count: ce - cs, start: cs, id: id, version: version}
+			h := recHeader{typ: recWrite, count: ce - cs, start: cs, id: id, version: version, tag: tag}
 			err = e.appendAndApplyLocked(&h, crcs[cs-first:ce-first], data)
 			cs = ce
 		}
@@ -129,11 +133,14 @@ func (e *Engine) write(id ObjectID, off int64, p []byte, version uint64) (uint64
 	}
 }
 
-// mergeBlock reads block b of id into buf and copies over it the part of
-// p (written at off) that falls into the block. It returns the block's
-// stamp.
-func (e *Engine) mergeBlock(id ObjectID, b uint32, buf []byte, off int64, p []byte) (uint64, error) {
-	stamp, err := e.readBlock(id, b, buf)
+// mergeBlock reads block b of id, as the layers up to tag see it, into
+// buf and copies over it the part of p (written at off) that falls into
+// the block. It returns the block's stamp.
+func (e *Engine) mergeBlock(id ObjectID, b uint32, buf []byte, off int64, p []byte, tag uint32) (uint64, error) {
+	e.idx.RLock()
+	set := e.ix.upToSet(id.Volume, tag)
+	e.idx.RUnlock()
+	stamp, err := e.readBlock(id, b, buf, set)
 	if err != nil {
 		return 0, err
 	}
@@ -143,20 +150,28 @@ func (e *Engine) mergeBlock(id ObjectID, b uint32, buf []byte, off int64, p []by
 	return stamp, nil
 }
 
-// stampLocked returns the sequence number of the record holding block b
-// of id, 0 for a hole. appendMu held.
-func (e *Engine) stampLocked(id ObjectID, b uint32) uint64 {
+// stampLocked returns the stamp of block b of id as the layers up to tag
+// see it: the sequence number of the record it comes from, 0 if absent.
+// appendMu held.
+func (e *Engine) stampLocked(id ObjectID, b uint32, tag uint32) uint64 {
 	o := e.ix.lookup(id)
 	if o == nil {
 		return 0
 	}
+	set := e.ix.upToSet(id.Volume, tag)
 	var seq uint64
-	o.tree.DescendLessOrEqual(extent{start: b}, func(x extent) bool {
-		if x.end() > b {
-			seq = x.seq
+	for i := len(o.layers) - 1; i >= 0 && seq == 0; i-- {
+		l := &o.layers[i]
+		if !e.ix.includes(id.Volume, l, set) {
+			continue
 		}
-		return false
-	})
+		l.tree.DescendLessOrEqual(extent{start: b}, func(x extent) bool {
+			if x.end() > b {
+				seq = x.seq
+			}
+			return false
+		})
+	}
 	return seq
 }
 
@@ -175,6 +190,8 @@ func (e *Engine) appendAndApplyLocked(h *recHeader, crcs []uint32, data [][]byte
 		e.ix.applyTrim(h, seg)
 	case recVersion:
 		e.ix.applyVersion(h, seg)
+	case recClear:
+		e.ix.applyClear(h, seg)
 	}
 	e.idx.Unlock()
 	return nil
@@ -269,11 +286,17 @@ func (e *Engine) failLocked(err error) error {
 	return e.failed
 }
 
-// Trim makes [off, off+length) of the object read as zeros. Whole blocks
-// become holes and stop taking space; the covered part of a partly covered
-// block is zeroed, and the block becomes a hole if it is then all zeros.
-// Trimming an object the engine holds nothing of is a no-op and records no
-// version, so that discarding an unwritten petabyte costs nothing.
+// Trim makes [off, off+length) of the object read as zeros, in the layer
+// of o.Layer. Whole blocks are removed from the layer, or, if o.Layer > 0
+// or o.Opaque, become zero extents in it (they must hide lower layers, and
+// an incremental backup must see the trim). The covered part of a partly
+// covered block is zeroed in the block's content as the layers up to
+// o.Layer see it; the block is then treated as a whole block if it is all
+// zeros, else written as data. Without o.Opaque, trimming an object the
+// engine holds nothing of is a no-op and records no version, so that
+// discarding an unwritten petabyte costs nothing; and a partly covered
+// block that no layer up to o.Layer holds is left alone in a layer above
+// 0, so that what lies beneath the object shows through its other sectors.
 func (e *Engine) Trim(ctx context.Context, id ObjectID, off, length int64, o WriteOptions) error {
 	if err := checkRange(off, length); err != nil {
 		return fmt.Errorf("engine: trim %v at %d length %d: %w", id, off, length, err)
@@ -288,7 +311,7 @@ func (e *Engine) Trim(ctx context.Context, id ObjectID, off, length int64, o Wri
 	if length == 0 {
 		return nil
 	}
-	lsn, err := e.trim(id, off, length, o.Version)
+	lsn, err := e.trim(id, off, length, o)
 	if err != nil {
 		return fmt.Errorf("engine: trim %v at %d length %d: %w", id, off, length, err)
 	}
@@ -300,56 +323,77 @@ func (e *Engine) Trim(ctx context.Context, id ObjectID, off, length int64, o Wri
 	return nil
 }
 
-func (e *Engine) trim(id ObjectID, off, length int64, version uint64) (uint64, error) {
+func (e *Engine) trim(id ObjectID, off, length int64, o WriteOptions) (uint64, error) {
 	ws := e.writePool.Get().(*writeState)
 	defer e.writePool.Put(ws)
 	first, end, headPart, tailPart := partialBlocks(off, length)
+	tag := o.Layer
+	// zeros: whole blocks become zero extents rather than being removed.
+	zeros := tag > 0 || o.Opaque
+	var flags uint8
+	if zeros {
+		flags = flagZero
+	}
 	for {
 		e.idx.RLock()
 		exists := e.ix.lookup(id) != nil
+		set := e.ix.upToSet(id.Volume, tag)
 		e.idx.RUnlock()
-		if !exists {
+		if !exists && !o.Opaque {
 			return 0, nil
 		}
 		var hs, ts uint64
-		headZero, tailZero := true, true
+		headDo, tailDo := inTrim, inTrim
 		var err error
 		if headPart {
-			if hs, err = e.zeroBlock(id, first, ws.head[:], off, length); err != nil {
+			if hs, err = e.zeroBlock(id, first, ws.head[:], off, length, set); err != nil {
 				return 0, err
 			}
-			headZero = hs == 0 || isZero(ws.head[:])
+			headDo = partialFate(hs, ws.head[:], zeros, o.Opaque)
 		}
 		if tailPart {
-			if ts, err = e.zeroBlock(id, end-1, ws.tail[:], off, length); err != nil {
+			if ts, err = e.zeroBlock(id, end-1, ws.tail[:], off, length, set); err != nil {
 				return 0, err
 			}
-			tailZero = ts == 0 || isZero(ws.tail[:])
+			tailDo = partialFate(ts, ws.tail[:], zeros, o.Opaque)
 		}
 		e.appendMu.Lock()
-		if e.ix.lookup(id) == nil {
+		if e.ix.lookup(id) == nil && !o.Opaque {
 			e.appendMu.Unlock()
 			return 0, nil
 		}
-		if (headPart && e.stampLocked(id, first) != hs) || (tailPart && e.stampLocked(id, end-1) != ts) {
+		if (headPart && e.stampLocked(id, first, tag) != hs) || (tailPart && e.stampLocked(id, end-1, tag) != ts) {
 			e.appendMu.Unlock()
 			continue
 		}
 		ts0, te := first, end
-		if headPart && !headZero {
+		recorded := false
+		if headPart && headDo != inTrim {
 			ts0++
-			h := recHeader{typ: recWrite, count: 1, start: first, id: id, version: version}
-			ws.crcs = append(ws.crcs[:0], crc32c(ws.head[:]))
-			err = e.appendAndApplyLocked(&h, ws.crcs, [][]byte{ws.head[:]})
+			if headDo == asData {
+				h := recHeader{typ: recWrite, count: 1, start: first, id: id, version: o.Version, tag: tag}
+				ws.crcs = append(ws.crcs[:0], crc32c(ws.head[:]))
+				err = e.appendAndApplyLocked(&h, ws.crcs, [][]byte{ws.head[:]})
+				recorded = true
+			}
 		}
-		if tailPart && !tailZero && err == nil {
+		if tailPart && tailDo != inTrim && te > ts0 && err == nil {
 			te--
-			h := recHeader{typ: recWrite, count: 1, start: end - 1, id: id, version: version}
-			ws.crcs = append(ws.crcs[:0], crc32c(ws.tail[:]))
-			err = e.appendAndApplyLocked(&h, ws.crcs, [][]byte{ws.tail[:]})
+			if tailDo == asData {
+				h := recHeader{typ: recWrite, count: 1, start: end - 1, id: id, version: o.Version, tag: tag}
+				ws.crcs = append(ws.crcs[:0], crc32c(ws.tail[:]))
+				err = e.appendAndApplyLocked(&h, ws.crcs, [][]byte{ws.tail[:]})
+				recorded = true
+			}
 		}
 		if te > ts0 && err == nil {
-			h := recHeader{typ: recTrim, count: te - ts0, start: ts0, id: id, version: version}
+			h := recHeader{typ: recTrim, flags: flags, count: te - ts0, start: ts0, id: id, version: o.Version, tag: tag}
+			err = e.appendAndApplyLocked(&h, nil, nil)
+			recorded = true
+		}
+		if !recorded && err == nil {
+			// Only blocks left alone: the version must still be recorded.
+			h := recHeader{typ: recVersion, id: id, version: o.Version}
 			err = e.appendAndApplyLocked(&h, nil, nil)
 		}
 		lsn := e.appendLSN
@@ -358,10 +402,38 @@ func (e *Engine) trim(id ObjectID, off, length int64, version uint64) (uint64, e
 	}
 }
 
-// zeroBlock reads block b into buf and zeroes the part of [off, off+n)
-// that falls into it. It returns the block's stamp (0: a hole).
-func (e *Engine) zeroBlock(id ObjectID, b uint32, buf []byte, off, n int64) (uint64, error) {
-	stamp, err := e.readBlock(id, b, buf)
+// What a trim does with a partly covered block.
+type partialAction int
+
+const (
+	inTrim partialAction = iota // all zeros: trimmed like a whole block
+	asData                      // written as data, with the covered sectors zeroed
+	leave                       // left alone (see partialFate)
+)
+
+// partialFate decides what a trim does with a partly covered block whose
+// zeroed content is buf and whose stamp is stamp. A block that no layer up
+// to the trim's holds (stamp 0) would read as zeros; but if the trim
+// records zero extents and is not opaque, something beneath the object (a
+// linked clone's parent) may show through there, and a zero extent over
+// the whole block would hide it in the sectors the trim does not cover.
+// An opaque trim asks for zeros over whatever is beneath: its caller is
+// expected to have copied such a block up first.
+func partialFate(stamp uint64, buf []byte, zeros, opaque bool) partialAction {
+	switch {
+	case stamp == 0 && zeros && !opaque:
+		return leave
+	case isZero(buf):
+		return inTrim
+	}
+	return asData
+}
+
+// zeroBlock reads block b, as set sees it, into buf and zeroes the part of
+// [off, off+n) that falls into it. It returns the block's stamp (0:
+// absent).
+func (e *Engine) zeroBlock(id ObjectID, b uint32, buf []byte, off, n int64, set layerSet) (uint64, error) {
+	stamp, err := e.readBlock(id, b, buf, set)
 	if err != nil {
 		return 0, err
 	}

@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
+	"sync"
 	"time"
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
@@ -43,20 +45,25 @@ type Gateway struct {
 	Peers     *osd.Peers
 	OpTimeout time.Duration
 	Log       *slog.Logger
+
+	openMu sync.Mutex
+	open   map[uint64]int // NBD connections in transmission per volume
 }
 
 // viewLag bounds how long an export waits for this node's view to catch up with a volume etcd already has.
 const viewLag = 10 * time.Second
 
-// Export describes a volume as an NBD export.
+// Export describes a volume as an NBD export. "VOLUME@CHECKPOINT" names a checkpoint of a volume, exported
+// read-only with the size the volume had when it was taken.
 func (g *Gateway) Export(ctx context.Context, name string) (*nbd.Export, error) {
-	vol, err := g.volume(ctx, name)
+	volName, ckptName, atCheckpoint := strings.Cut(name, "@")
+	vol, err := g.volume(ctx, volName)
 	if err != nil {
 		return nil, err
 	}
-	return &nbd.Export{
+	e := &nbd.Export{
 		Name:               name,
-		Description:        fmt.Sprintf("Basalt volume %s (pool %s, %d replicas)", name, vol.GetPool(), vol.GetReplicas()),
+		Description:        fmt.Sprintf("Basalt volume %s (pool %s, %d replicas)", volName, vol.GetPool(), vol.GetReplicas()),
 		Size:               int64(vol.GetSizeBytes()),
 		MinBlockSize:       vol.GetSectorSize(),
 		PreferredBlockSize: 4096,
@@ -64,8 +71,36 @@ func (g *Gateway) Export(ctx context.Context, name string) (*nbd.Export, error) 
 		// Every connection reaches the same primaries, and FLUSH syncs every node: writes acknowledged on any
 		// connection are covered by a flush on any other.
 		MultiConn: true,
-		Backend:   &volume{g: g, id: vol.GetId(), name: name},
-	}, nil
+	}
+	backend := &volume{g: g, id: vol.GetId(), name: volName}
+	if atCheckpoint {
+		ckpt := findCheckpoint(vol, ckptName)
+		if ckpt == nil {
+			return nil, fmt.Errorf("volume %q has no checkpoint %q: %w", volName, ckptName, nbd.ErrNoSuchExport)
+		}
+		backend.view = ckpt.GetId()
+		e.Size = int64(ckpt.GetSizeBytes())
+		e.ReadOnly = true
+		e.Description = fmt.Sprintf("Basalt volume %s at checkpoint %s (read-only)", volName, ckptName)
+	}
+	e.Backend = backend
+	return e, nil
+}
+
+func findCheckpoint(vol *basaltv1.Volume, name string) *basaltv1.Checkpoint {
+	for _, c := range vol.GetCheckpoints() {
+		if c.GetName() == name {
+			return c
+		}
+	}
+	return nil
+}
+
+// VolumeOpen reports whether an NBD client of this node has the volume (or one of its checkpoints) open.
+func (g *Gateway) VolumeOpen(volID uint64) bool {
+	g.openMu.Lock()
+	defer g.openMu.Unlock()
+	return g.open[volID] > 0
 }
 
 // volume returns the named volume from the view. If the view does not have it, a consistent read of etcd
@@ -110,11 +145,31 @@ func (g *Gateway) ExportNames(context.Context) ([]string, error) {
 	return names, nil
 }
 
-// volume is the NBD backend of one volume.
+// volume is the NBD backend of one volume, or of one of its checkpoints.
 type volume struct {
 	g    *Gateway
 	id   uint64
 	name string
+	view uint32 // checkpoint number, 0 for the volume itself
+}
+
+// Begin and End count the connections using the volume (nbd.SessionTracker), so that a revert can refuse an
+// attached volume.
+func (v *volume) Begin() {
+	v.g.openMu.Lock()
+	defer v.g.openMu.Unlock()
+	if v.g.open == nil {
+		v.g.open = map[uint64]int{}
+	}
+	v.g.open[v.id]++
+}
+
+func (v *volume) End() {
+	v.g.openMu.Lock()
+	defer v.g.openMu.Unlock()
+	if v.g.open[v.id]--; v.g.open[v.id] <= 0 {
+		delete(v.g.open, v.id)
+	}
 }
 
 // piece is the part of a request that falls in one object.
@@ -158,7 +213,7 @@ func each(ps []piece, fn func(p piece) error) error {
 
 func (v *volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return each(pieces(off, int64(len(p))), func(pc piece) error {
-		resp, err := v.g.op(ctx, v, pc, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_READ})
+		resp, err := v.g.op(ctx, v, pc, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_READ, View: v.view})
 		if err != nil {
 			return err
 		}
@@ -216,7 +271,7 @@ func (v *volume) BlockStatus(ctx context.Context, off, length int64) ([]nbd.Exte
 		ps[i].slot = i
 	}
 	err := each(ps, func(pc piece) error {
-		resp, err := v.g.op(ctx, v, pc, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_EXTENTS})
+		resp, err := v.g.op(ctx, v, pc, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_EXTENTS, View: v.view})
 		if err != nil {
 			return err
 		}
@@ -229,11 +284,53 @@ func (v *volume) BlockStatus(ctx context.Context, off, length int64) ([]nbd.Exte
 	var out []nbd.Extent
 	for _, exts := range results {
 		for _, e := range exts {
-			if n := len(out); n > 0 && out[n-1].Hole == e.GetHole() {
+			// Explicit zeros (trims over older layers) read as zeros and hold no data: a hole to the client.
+			hole := e.GetHole() || e.GetZero()
+			if n := len(out); n > 0 && out[n-1].Hole == hole {
 				out[n-1].Length += e.GetLength()
 				continue
 			}
-			out = append(out, nbd.Extent{Length: e.GetLength(), Hole: e.GetHole(), Zero: e.GetHole()})
+			out = append(out, nbd.Extent{Length: e.GetLength(), Hole: hole, Zero: hole})
+		}
+	}
+	return out, nil
+}
+
+// Changed lists the ranges of a volume written or trimmed in checkpoint layers [from, to) (to 0: up to now)
+// within [off, off+length), in volume offsets, adjacent ranges of the same kind merged.
+func (g *Gateway) Changed(ctx context.Context, volID uint64, from, to uint32, off, length int64) ([]*basaltv1.Extent, error) {
+	vol := g.View.VolumeByID(volID)
+	if vol == nil {
+		return nil, fmt.Errorf("volume %d does not exist", volID)
+	}
+	v := &volume{g: g, id: volID, name: vol.GetName(), view: to}
+	ps := pieces(off, length)
+	results := make([][]*basaltv1.Extent, len(ps))
+	for i := range ps {
+		ps[i].slot = i
+	}
+	err := each(ps, func(pc piece) error {
+		resp, err := g.op(ctx, v, pc, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_CHANGED, View: to, ChangedFrom: from})
+		if err != nil {
+			return err
+		}
+		base := int64(pc.index) * engine.ObjectSize
+		for _, e := range resp.GetExtents() {
+			results[pc.slot] = append(results[pc.slot], &basaltv1.Extent{Offset: base + e.GetOffset(), Length: e.GetLength(), Zero: e.GetZero()})
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	var out []*basaltv1.Extent
+	for _, exts := range results {
+		for _, e := range exts {
+			if n := len(out); n > 0 && out[n-1].GetZero() == e.GetZero() && out[n-1].GetOffset()+out[n-1].GetLength() == e.GetOffset() {
+				out[n-1].Length += e.GetLength()
+				continue
+			}
+			out = append(out, e)
 		}
 	}
 	return out, nil
@@ -292,6 +389,11 @@ func (g *Gateway) op(ctx context.Context, v *volume, pc piece, req *basaltv1.Cli
 		if vol == nil {
 			return nil, fmt.Errorf("volume %s was deleted: %w", v.name, nbd.ErrIO)
 		}
+		if op := req.GetOp(); op == basaltv1.BlockOp_BLOCK_OP_WRITE || op == basaltv1.BlockOp_BLOCK_OP_TRIM {
+			// Writes land in the layer above the newest checkpoint this node knows; a primary that knows a
+			// newer one refuses, and the retry takes the newer one from the view.
+			req.Layer = vol.GetCheckpointSeq()
+		}
 		r, err := osd.RouteObject(m, vol, pc.index)
 		if err != nil {
 			return nil, fmt.Errorf("%v: %w", err, nbd.ErrIO)
@@ -346,4 +448,214 @@ func clientError(err error) error {
 		return fmt.Errorf("%v: %w", status.Convert(err).Message(), nbd.ErrPermission)
 	}
 	return fmt.Errorf("%v: %w", status.Convert(err).Message(), nbd.ErrIO)
+}
+
+// revertWindow is how much of the volume Revert examines per round of change listing.
+const revertWindow = 1 << 30
+
+// Revert makes the volume's current content that of checkpoint ckpt: every range changed since the checkpoint
+// is copied back from it (data written, holes trimmed). It returns the bytes of data copied. Repeating it is
+// harmless, so an interrupted revert is finished by running it again.
+func (g *Gateway) Revert(ctx context.Context, volID uint64, ckpt uint32, progress func(done, total int64)) (int64, error) {
+	vol := g.View.VolumeByID(volID)
+	if vol == nil {
+		return 0, fmt.Errorf("volume %d does not exist", volID)
+	}
+	var size int64 = -1
+	for _, c := range vol.GetCheckpoints() {
+		if c.GetId() == ckpt {
+			size = int64(c.GetSizeBytes())
+		}
+	}
+	if size < 0 {
+		return 0, fmt.Errorf("volume %s has no checkpoint %d", vol.GetName(), ckpt)
+	}
+	head := &volume{g: g, id: volID, name: vol.GetName()}
+	at := &volume{g: g, id: volID, name: vol.GetName(), view: ckpt}
+	var copied int64
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += revertWindow {
+		changed, err := g.Changed(ctx, volID, ckpt, 0, off, min(revertWindow, size-off))
+		if err != nil {
+			return copied, fmt.Errorf("list changes since the checkpoint: %w", err)
+		}
+		for _, c := range changed {
+			runs, err := at.BlockStatus(ctx, c.GetOffset(), c.GetLength())
+			if err != nil {
+				return copied, fmt.Errorf("read the checkpoint's allocation: %w", err)
+			}
+			pos := c.GetOffset()
+			for _, r := range runs {
+				if r.Hole {
+					if err := head.Trim(ctx, pos, r.Length, false); err != nil {
+						return copied, fmt.Errorf("trim at %d: %w", pos, err)
+					}
+				} else {
+					for done := int64(0); done < r.Length; {
+						n := min(int64(len(buf)), r.Length-done)
+						if err := at.ReadAt(ctx, buf[:n], pos+done); err != nil {
+							return copied, fmt.Errorf("read the checkpoint at %d: %w", pos+done, err)
+						}
+						if err := head.WriteAt(ctx, buf[:n], pos+done, false); err != nil {
+							return copied, fmt.Errorf("write at %d: %w", pos+done, err)
+						}
+						done += n
+						copied += n
+					}
+				}
+				pos += r.Length
+			}
+		}
+		if progress != nil {
+			progress(min(off+revertWindow, size), size)
+		}
+	}
+	if err := g.syncAll(ctx); err != nil {
+		return copied, err
+	}
+	return copied, nil
+}
+
+// Flatten copies into a linked clone every block it still reads from its parent, object by object, a few at a
+// time, and returns the bytes copied. Writes to the clone go on meanwhile: a copy never lands above them.
+func (g *Gateway) Flatten(ctx context.Context, volID uint64, progress func(done, total uint64)) (int64, error) {
+	vol := g.View.VolumeByID(volID)
+	if vol == nil {
+		return 0, fmt.Errorf("volume %d does not exist", volID)
+	}
+	parent := vol.GetParent()
+	if parent == nil {
+		return 0, nil
+	}
+	end := min(vol.GetSizeBytes(), parent.GetSizeBytes())
+	objects := (end + engine.ObjectSize - 1) / engine.ObjectSize
+	v := &volume{g: g, id: volID, name: vol.GetName()}
+	const parallel = 4
+	var (
+		mu     sync.Mutex
+		copied int64
+		done   uint64
+		first  error
+		next   uint64
+	)
+	var wg sync.WaitGroup
+	for range parallel {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				mu.Lock()
+				if first != nil || next >= objects {
+					mu.Unlock()
+					return
+				}
+				idx := next
+				next++
+				mu.Unlock()
+				resp, err := g.op(ctx, v, piece{index: idx, length: engine.ObjectSize}, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_COPYUP})
+				mu.Lock()
+				if err != nil && first == nil {
+					first = fmt.Errorf("copy object %d from the parent: %w", idx, err)
+				}
+				copied += int64(resp.GetCopiedBytes())
+				done++
+				if progress != nil {
+					progress(done, objects)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if first != nil {
+		return copied, first
+	}
+	return copied, g.syncAll(ctx)
+}
+
+// CopyRange copies [srcOff, srcOff+length) of a volume (or one of its checkpoints) onto a volume at dstOff,
+// inside the cluster: holes of the source become trims of the destination, so it reads the same and stays
+// thin. It returns the bytes of data copied.
+func (g *Gateway) CopyRange(ctx context.Context, srcID uint64, srcView uint32, dstID uint64, srcOff, dstOff, length int64) (int64, error) {
+	src, dst := g.View.VolumeByID(srcID), g.View.VolumeByID(dstID)
+	if src == nil || dst == nil {
+		return 0, fmt.Errorf("copy between volumes %d and %d: a volume does not exist", srcID, dstID)
+	}
+	from := &volume{g: g, id: srcID, name: src.GetName(), view: srcView}
+	to := &volume{g: g, id: dstID, name: dst.GetName()}
+	var copied int64
+	buf := make([]byte, 1<<20)
+	const step = 64 << 20
+	for at := int64(0); at < length; at += step {
+		n := min(int64(step), length-at)
+		runs, err := from.BlockStatus(ctx, srcOff+at, n)
+		if err != nil {
+			return copied, fmt.Errorf("read the source's allocation at %d: %w", srcOff+at, err)
+		}
+		pos := at
+		for _, r := range runs {
+			rl := min(r.Length, at+n-pos)
+			if rl <= 0 {
+				break
+			}
+			if r.Hole {
+				if err := to.Trim(ctx, dstOff+pos, rl, false); err != nil {
+					return copied, fmt.Errorf("trim the destination at %d: %w", dstOff+pos, err)
+				}
+			} else {
+				for d := int64(0); d < rl; {
+					k := min(int64(len(buf)), rl-d)
+					if err := from.ReadAt(ctx, buf[:k], srcOff+pos+d); err != nil {
+						return copied, fmt.Errorf("read the source at %d: %w", srcOff+pos+d, err)
+					}
+					if err := to.WriteAt(ctx, buf[:k], dstOff+pos+d, false); err != nil {
+						return copied, fmt.Errorf("write the destination at %d: %w", dstOff+pos+d, err)
+					}
+					d += k
+					copied += k
+				}
+			}
+			pos += rl
+		}
+	}
+	return copied, g.syncAll(ctx)
+}
+
+// HasDirtyBitmap offers, as NBD dirty bitmaps ("qemu:dirty-bitmap:NAME"), the volume's checkpoints older than
+// the one exported: the bitmap marks what changed since that checkpoint (nbd.DirtyBitmaps).
+func (v *volume) HasDirtyBitmap(_ context.Context, name string) bool {
+	id := v.checkpointID(name)
+	return id != 0 && (v.view == 0 || id < v.view)
+}
+
+func (v *volume) checkpointID(name string) uint32 {
+	if c := findCheckpoint(v.g.View.VolumeByID(v.id), name); c != nil {
+		return c.GetId()
+	}
+	return 0
+}
+
+// DirtyStatus describes a range in runs changed or not since the named checkpoint.
+func (v *volume) DirtyStatus(ctx context.Context, name string, off, length int64) ([]nbd.DirtyExtent, error) {
+	from := v.checkpointID(name)
+	if from == 0 {
+		return nil, fmt.Errorf("checkpoint %q of volume %s is gone: %w", name, v.name, nbd.ErrInvalid)
+	}
+	changed, err := v.g.Changed(ctx, v.id, from, v.view, off, length)
+	if err != nil {
+		return nil, err
+	}
+	var out []nbd.DirtyExtent
+	pos := off
+	for _, c := range changed {
+		if c.GetOffset() > pos {
+			out = append(out, nbd.DirtyExtent{Length: c.GetOffset() - pos})
+		}
+		out = append(out, nbd.DirtyExtent{Length: c.GetLength(), Dirty: true})
+		pos = c.GetOffset() + c.GetLength()
+	}
+	if pos < off+length {
+		out = append(out, nbd.DirtyExtent{Length: off + length - pos})
+	}
+	return out, nil
 }

@@ -107,6 +107,30 @@ type Export struct {
 	Backend Backend
 }
 
+// DirtyBitmaps is implemented by backends that can tell which ranges changed since a named point (for Basalt,
+// a checkpoint). A client selects one as the metadata context "qemu:dirty-bitmap:NAME", the name QEMU's
+// incremental backup tools use, and block status then answers it next to base:allocation.
+type DirtyBitmaps interface {
+	// HasDirtyBitmap reports whether name can be asked about.
+	HasDirtyBitmap(ctx context.Context, name string) bool
+	// DirtyStatus describes [off, off+length) from its start, in runs changed (Dirty) or not since name.
+	DirtyStatus(ctx context.Context, name string, off, length int64) ([]DirtyExtent, error)
+}
+
+// DirtyExtent is a run of an export that did or did not change since a dirty bitmap's point.
+type DirtyExtent struct {
+	Length int64
+	Dirty  bool
+}
+
+// SessionTracker is implemented by backends that want to know which clients use them: Begin is called when a
+// client enters transmission with the export, End when that connection ends. Describing an export
+// (NBD_OPT_INFO) calls neither.
+type SessionTracker interface {
+	Begin()
+	End()
+}
+
 // ExportSource finds exports by name. It is consulted during the handshake
 // only, so the Export it returns is a snapshot for one connection.
 type ExportSource interface {

@@ -28,6 +28,8 @@ type negotiation struct {
 	// count if the client then goes to the same export.
 	metaExport     string
 	metaAllocation bool
+	// metaDirty is the dirty bitmap selected, if any.
+	metaDirty string
 }
 
 // handshake runs the fixed newstyle handshake up to the transmission phase.
@@ -174,7 +176,7 @@ func (c *conn) lookup(name string) (*Export, blockSizes, uint32, string) {
 
 func (c *conn) newSession(n *negotiation, name string, exp *Export, bs blockSizes) *session {
 	structured := n.structured
-	return &session{
+	sess := &session{
 		name:           name,
 		backend:        exp.Backend,
 		size:           exp.Size,
@@ -183,6 +185,10 @@ func (c *conn) newSession(n *negotiation, name string, exp *Export, bs blockSize
 		structured:     structured,
 		metaAllocation: structured && n.metaAllocation && n.metaExport == name,
 	}
+	if structured && n.metaExport == name {
+		sess.metaDirty = n.metaDirty
+	}
+	return sess
 }
 
 // optExportName handles NBD_OPT_EXPORT_NAME, which cannot report errors:
@@ -314,7 +320,7 @@ func (c *conn) optInfo(n *negotiation, opt uint32, data []byte) (*session, error
 func (c *conn) optMetaContext(n *negotiation, opt uint32, data []byte) error {
 	if opt == optSetMetaContext {
 		// A SET replaces the previous selection even when it fails.
-		n.metaExport, n.metaAllocation = "", false
+		n.metaExport, n.metaAllocation, n.metaDirty = "", false, ""
 		if !n.structured {
 			return c.optError(opt, repErrInvalid, "NBD_OPT_SET_META_CONTEXT requires structured replies")
 		}
@@ -323,11 +329,14 @@ func (c *conn) optMetaContext(n *negotiation, opt uint32, data []byte) error {
 	if !ok {
 		return c.optError(opt, repErrInvalid, "malformed metadata context request")
 	}
-	if _, _, rep, msg := c.lookup(name); rep != 0 {
+	exp, _, rep, msg := c.lookup(name)
+	if rep != 0 {
 		return c.optError(opt, rep, msg)
 	}
+	bitmaps, _ := exp.Backend.(DirtyBitmaps)
 
 	var allocation bool
+	var dirty string
 	if opt == optListMetaContext && len(queries) == 0 {
 		allocation = true
 	}
@@ -341,6 +350,9 @@ func (c *conn) optMetaContext(n *negotiation, opt uint32, data []byte) error {
 		if ns == "base" && (leaf == "allocation" || (leaf == "" && opt == optListMetaContext)) {
 			allocation = true
 		}
+		if bm, ok := strings.CutPrefix(q, metaContextDirtyPrefix); ok && bm != "" && bitmaps != nil && bitmaps.HasDirtyBitmap(c.ctx, bm) {
+			dirty = bm
+		}
 	}
 	if allocation {
 		// Context IDs in a LIST reply are reserved and should be zero.
@@ -351,6 +363,17 @@ func (c *conn) optMetaContext(n *negotiation, opt uint32, data []byte) error {
 		}
 		p := binary.BigEndian.AppendUint32(nil, id)
 		if err := c.optReply(opt, repMetaContext, append(p, metaContextAllocation...)); err != nil {
+			return err
+		}
+	}
+	if dirty != "" {
+		var id uint32
+		if opt == optSetMetaContext {
+			id = dirtyContextID
+			n.metaExport, n.metaDirty = name, dirty
+		}
+		p := binary.BigEndian.AppendUint32(nil, id)
+		if err := c.optReply(opt, repMetaContext, append(p, metaContextDirtyPrefix+dirty...)); err != nil {
 			return err
 		}
 	}

@@ -128,8 +128,14 @@ const (
 const (
 	metaContextAllocation = "base:allocation"
 	// allocationContextID is the ID we hand out for base:allocation in
-	// NBD_OPT_SET_META_CONTEXT. Any value works; it is the only context.
+	// NBD_OPT_SET_META_CONTEXT. Any value works.
 	allocationContextID uint32 = 1
+	// metaContextDirtyPrefix names a dirty bitmap context, as QEMU does:
+	// "qemu:dirty-bitmap:NAME". Its one flag, stateDirty, marks ranges
+	// changed since the bitmap's point.
+	metaContextDirtyPrefix        = "qemu:dirty-bitmap:"
+	dirtyContextID         uint32 = 2
+	stateDirty             uint32 = 1 << 0
 )
 
 // Message sizes.

@@ -178,6 +178,10 @@ func (s *Server) ServeConn(ctx context.Context, nc net.Conn) {
 
 	log = log.With("export", sess.name)
 	c.log = log
+	if t, ok := sess.backend.(SessionTracker); ok {
+		t.Begin()
+		defer t.End()
+	}
 	log.Info("nbd: client connected", "size", sess.size, "structured", sess.structured, "block_status", sess.metaAllocation)
 	n, err := c.transmit(sess)
 	if cause := context.Cause(ctx); cause != nil {

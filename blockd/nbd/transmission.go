@@ -55,6 +55,7 @@ type session struct {
 	readOnly       bool
 	structured     bool
 	metaAllocation bool
+	metaDirty      string // the dirty bitmap selected, if any
 }
 
 // check validates a request against the negotiated session. It returns the
@@ -91,7 +92,7 @@ func (s *session) check(r *request) (uint32, string) {
 			return errnoPerm, "export is read-only"
 		}
 	case cmdBlockStatus:
-		if !s.metaAllocation {
+		if !s.metaAllocation && s.metaDirty == "" {
 			return errnoInval, "no metadata context was negotiated"
 		}
 		if r.length == 0 {
@@ -310,62 +311,103 @@ func (w *worker) writeZeroBuffers(r *request, fua bool) error {
 
 func (w *worker) blockStatus(r *request) {
 	c := w.c
-	exts, err := c.sess.backend.BlockStatus(c.ctx, int64(r.off), int64(r.length))
-	if err != nil {
-		w.replyError(r, err)
-		return
+	type run struct {
+		length int64
+		status uint32
+	}
+	var chunks [][]run
+	var ids []uint32
+	if c.sess.metaAllocation {
+		exts, err := c.sess.backend.BlockStatus(c.ctx, int64(r.off), int64(r.length))
+		if err != nil {
+			w.replyError(r, err)
+			return
+		}
+		runs := make([]run, 0, len(exts))
+		for _, e := range exts {
+			var status uint32
+			if e.Hole {
+				status |= stateHole
+			}
+			if e.Zero {
+				status |= stateZero
+			}
+			runs = append(runs, run{e.Length, status})
+		}
+		chunks, ids = append(chunks, runs), append(ids, allocationContextID)
+	}
+	if c.sess.metaDirty != "" {
+		exts, err := c.sess.backend.(DirtyBitmaps).DirtyStatus(c.ctx, c.sess.metaDirty, int64(r.off), int64(r.length))
+		if err != nil {
+			w.replyError(r, err)
+			return
+		}
+		runs := make([]run, 0, len(exts))
+		for _, e := range exts {
+			var status uint32
+			if e.Dirty {
+				status = stateDirty
+			}
+			runs = append(runs, run{e.Length, status})
+		}
+		chunks, ids = append(chunks, runs), append(ids, dirtyContextID)
 	}
 	limit := maxExtents
 	if r.flags&cmdFlagReqOne != 0 {
 		limit = 1
 	}
-	bp := c.srv.bufs.get(4 + 8*min(len(exts)+1, limit))
-	defer c.srv.bufs.put(bp)
-	b := (*bp)[hdrRoom-structuredHeaderLen : hdrRoom+4]
-	binary.BigEndian.PutUint32(b[structuredHeaderLen:], allocationContextID)
+	for i, runs := range chunks {
+		bp := c.srv.bufs.get(4 + 8*min(len(runs)+1, limit))
+		b := (*bp)[hdrRoom-structuredHeaderLen : hdrRoom+4]
+		binary.BigEndian.PutUint32(b[structuredHeaderLen:], ids[i])
 
-	// Clip the extents to the request (the first N-1 must not reach its
-	// end, and with REQ_ONE neither may the only one), drop empty ones and
-	// merge neighbours with equal status, which makes for shorter replies.
-	remaining := uint64(r.length)
-	count := 0
-	var last uint32
-	for _, e := range exts {
-		if remaining == 0 {
-			break
-		}
-		if e.Length <= 0 {
-			continue
-		}
-		l := min(uint64(e.Length), remaining)
-		var status uint32
-		if e.Hole {
-			status |= stateHole
-		}
-		if e.Zero {
-			status |= stateZero
-		}
-		if count > 0 && status == last {
-			d := b[len(b)-8:]
-			binary.BigEndian.PutUint32(d, binary.BigEndian.Uint32(d)+uint32(l))
-		} else {
-			if count == limit {
+		// Clip the runs to the request (the first N-1 must not reach its
+		// end, and with REQ_ONE neither may the only one), drop empty ones
+		// and merge neighbours with equal status, which makes for shorter
+		// replies.
+		remaining := uint64(r.length)
+		count := 0
+		var last uint32
+		for _, e := range runs {
+			if remaining == 0 {
 				break
 			}
-			b = binary.BigEndian.AppendUint32(b, uint32(l))
-			b = binary.BigEndian.AppendUint32(b, status)
-			count++
-			last = status
+			if e.length <= 0 {
+				continue
+			}
+			l := min(uint64(e.length), remaining)
+			if count > 0 && e.status == last {
+				d := b[len(b)-8:]
+				binary.BigEndian.PutUint32(d, binary.BigEndian.Uint32(d)+uint32(l))
+			} else {
+				if count == limit {
+					break
+				}
+				b = binary.BigEndian.AppendUint32(b, uint32(l))
+				b = binary.BigEndian.AppendUint32(b, e.status)
+				count++
+				last = e.status
+			}
+			remaining -= l
 		}
-		remaining -= l
+		if count == 0 {
+			// The safe answer when the backend said nothing: allocated for
+			// base:allocation, dirty for a dirty bitmap.
+			var safe uint32
+			if ids[i] == dirtyContextID {
+				safe = stateDirty
+			}
+			b = binary.BigEndian.AppendUint32(b, r.length)
+			b = binary.BigEndian.AppendUint32(b, safe)
+		}
+		var flags uint16
+		if i == len(chunks)-1 {
+			flags = replyFlagDone
+		}
+		putChunkHeader(b, flags, replyTypeBlockStatus, r.cookie, uint32(len(b)-structuredHeaderLen))
+		c.send(b)
+		c.srv.bufs.put(bp)
 	}
-	if count == 0 {
-		// Status 0 (allocated, contents unknown) is always a safe answer.
-		b = binary.BigEndian.AppendUint32(b, r.length)
-		b = binary.BigEndian.AppendUint32(b, 0)
-	}
-	putChunkHeader(b, replyFlagDone, replyTypeBlockStatus, r.cookie, uint32(len(b)-structuredHeaderLen))
-	c.send(b)
 }
 
 // finish replies to a command without reply payload.

@@ -57,6 +57,8 @@ type OSD struct {
 	// recovery rate limit, bytes per second, shared by all background pushes of this node.
 	limiter *rateLimiter
 
+	ckpt *checkpoints
+
 	// Fatal is called once if the local engine fails for good; it should stop the node.
 	Fatal     func(error)
 	fatalOnce sync.Once
@@ -81,6 +83,7 @@ func New(id string, eng *engine.Engine, v *view.View, peers *Peers, s *store.Sto
 		locks:   map[engine.ObjectID]*objectLock{},
 		pgs:     map[placement.PG]*pgState{},
 		limiter: newRateLimiter(recoveryBytesPerSec),
+		ckpt:    newCheckpoints(),
 	}
 }
 
@@ -242,39 +245,100 @@ func (o *OSD) ClientOp(ctx context.Context, req *basaltv1.ClientOpRequest) (*bas
 		return nil, err
 	}
 	switch req.GetOp() {
+	case basaltv1.BlockOp_BLOCK_OP_READ, basaltv1.BlockOp_BLOCK_OP_EXTENTS, basaltv1.BlockOp_BLOCK_OP_CHANGED:
+		if err := o.layerView(id.Volume, req.GetView()); err != nil {
+			return nil, err
+		}
+		if req.GetOp() == basaltv1.BlockOp_BLOCK_OP_CHANGED {
+			if err := o.layerView(id.Volume, req.GetChangedFrom()); err != nil {
+				return nil, err
+			}
+		}
+	}
+	switch req.GetOp() {
 	case basaltv1.BlockOp_BLOCK_OP_READ:
 		buf := make([]byte, req.GetLength())
-		err := o.eng.Read(ctx, id, req.GetOffset(), buf)
+		read := func() error { return o.eng.ReadView(ctx, id, req.GetView(), req.GetOffset(), buf) }
+		if parent := o.cloneParent(id.Volume); parent != nil {
+			read = func() error {
+				defer o.lock(id)()
+				return o.readClone(ctx, parent, id, req.GetView(), req.GetOffset(), buf)
+			}
+		}
+		err := read()
 		if errors.Is(err, engine.ErrCorrupt) {
 			// The primary's copy is bad: repair it from a member with the same version, then read again.
 			if rerr := o.readRepair(ctx, r, id); rerr != nil {
 				return nil, rerr
 			}
-			err = o.eng.Read(ctx, id, req.GetOffset(), buf)
+			err = read()
+		}
+		if _, ok := status.FromError(err); ok && err != nil {
+			return nil, err // from the parent of a clone
 		}
 		if err != nil {
 			return nil, o.engineStatus(fmt.Sprintf("read object %d.%d", id.Volume, id.Index), err)
 		}
 		return &basaltv1.ClientOpResponse{Data: buf}, nil
 	case basaltv1.BlockOp_BLOCK_OP_EXTENTS:
-		ext, err := o.eng.Extents(ctx, id, req.GetOffset(), req.GetLength())
+		var ext []engine.Extent
+		if parent := o.cloneParent(id.Volume); parent != nil {
+			ext, err = o.extentsClone(ctx, parent, id, req.GetView(), req.GetOffset(), req.GetLength())
+			if _, ok := status.FromError(err); ok && err != nil {
+				return nil, err
+			}
+		} else {
+			ext, err = o.eng.ExtentsView(ctx, id, req.GetView(), req.GetOffset(), req.GetLength())
+		}
 		if err != nil {
 			return nil, o.engineStatus("extents", err)
 		}
-		resp := &basaltv1.ClientOpResponse{}
-		for _, e := range ext {
-			resp.Extents = append(resp.Extents, &basaltv1.Extent{Offset: e.Offset, Length: e.Length, Hole: e.Hole})
+		return &basaltv1.ClientOpResponse{Extents: extentsOut(ext)}, nil
+	case basaltv1.BlockOp_BLOCK_OP_CHANGED:
+		ext, err := o.eng.Changed(ctx, id, req.GetChangedFrom(), req.GetView())
+		if err != nil {
+			return nil, o.engineStatus("changed extents", err)
 		}
-		return resp, nil
+		// Changes are reported within the requested range only.
+		lo, hi := req.GetOffset(), req.GetOffset()+req.GetLength()
+		var clipped []engine.Extent
+		for _, e := range ext {
+			s, end := max(e.Offset, lo), min(e.Offset+e.Length, hi)
+			if s < end {
+				clipped = append(clipped, engine.Extent{Offset: s, Length: end - s, Zero: e.Zero})
+			}
+		}
+		return &basaltv1.ClientOpResponse{Extents: extentsOut(clipped)}, nil
 	case basaltv1.BlockOp_BLOCK_OP_WRITE, basaltv1.BlockOp_BLOCK_OP_TRIM:
 		if req.GetOp() == basaltv1.BlockOp_BLOCK_OP_WRITE && int64(len(req.GetData())) != req.GetLength() {
 			return nil, status.Errorf(codes.InvalidArgument, "write of %d bytes carries %d", req.GetLength(), len(req.GetData()))
 		}
+		if req.GetView() != 0 {
+			return nil, status.Errorf(codes.PermissionDenied, "checkpoints are read-only")
+		}
+		done, err := o.admitWrite(ctx, id.Volume, req.GetLayer())
+		if err != nil {
+			return nil, err
+		}
+		defer done()
 		v, err := o.primaryWrite(ctx, r, st, id, req)
 		if err != nil {
 			return nil, err
 		}
 		return &basaltv1.ClientOpResponse{Version: v}, nil
+	case basaltv1.BlockOp_BLOCK_OP_COPYUP:
+		parent := o.cloneParent(id.Volume)
+		if parent == nil {
+			return &basaltv1.ClientOpResponse{}, nil // flattened already
+		}
+		n, err := o.copyUp(ctx, r, st, id, parent)
+		if err != nil {
+			if _, ok := status.FromError(err); ok {
+				return nil, err
+			}
+			return nil, o.engineStatus("copy up from the parent", err)
+		}
+		return &basaltv1.ClientOpResponse{CopiedBytes: uint64(n)}, nil
 	}
 	return nil, status.Errorf(codes.InvalidArgument, "unknown operation %v", req.GetOp())
 }
@@ -286,13 +350,27 @@ func nextVersion(cur, epoch uint64) uint64 { return max(cur, epoch<<32) + 1 }
 // primaryWrite applies a write locally and on every other member of the acting set, under the object's lock.
 func (o *OSD) primaryWrite(ctx context.Context, r Route, st *pgState, id engine.ObjectID, req *basaltv1.ClientOpRequest) (uint64, error) {
 	defer o.lock(id)()
-	v := nextVersion(o.eng.ObjectVersion(id), r.Map.GetEpoch())
-	if err := o.apply(ctx, id, req.GetOp(), req.GetOffset(), req.GetLength(), req.GetData(), v, req.GetSync()); err != nil {
-		return 0, err
-	}
 	rep := &basaltv1.ReplicateRequest{
 		Epoch: r.Map.GetEpoch(), Object: req.GetObject(), Op: req.GetOp(), Offset: req.GetOffset(), Length: req.GetLength(),
-		Data: req.GetData(), Version: v, Sync: req.GetSync(), Primary: o.id,
+		Data: req.GetData(), Sync: req.GetSync(), Primary: o.id, Layer: req.GetLayer(),
+	}
+	if parent := o.cloneParent(id.Volume); parent != nil {
+		// A clone's trims must hide the parent, and its partial blocks be merged with the parent's content.
+		rep.Opaque = true
+		if err := o.alignCloneWrite(ctx, parent, id, rep); err != nil {
+			return 0, o.engineStatus("widen a partial write of a linked clone", err)
+		}
+	}
+	return o.replicateLocked(ctx, r, st, id, rep)
+}
+
+// replicateLocked gives rep the object's next version, applies it locally and on every other member of the
+// acting set, and returns the version. The caller holds the object's lock.
+func (o *OSD) replicateLocked(ctx context.Context, r Route, st *pgState, id engine.ObjectID, rep *basaltv1.ReplicateRequest) (uint64, error) {
+	v := nextVersion(o.eng.ObjectVersion(id), r.Map.GetEpoch())
+	rep.Version = v
+	if err := o.apply(ctx, id, rep); err != nil {
+		return 0, err
 	}
 	errs := make(chan error, len(r.Acting))
 	for _, member := range r.Acting[1:] {
@@ -331,19 +409,28 @@ func (o *OSD) primaryWrite(ctx context.Context, r Route, st *pgState, id engine.
 	return v, nil
 }
 
-// apply runs a versioned write or trim on the local engine.
-func (o *OSD) apply(ctx context.Context, id engine.ObjectID, op basaltv1.BlockOp, off, length int64, data []byte, v uint64, sync bool) error {
-	opts := engine.WriteOptions{Version: v, Sync: sync}
+// apply runs a versioned write or trim, as ordered by the primary, on the local engine.
+func (o *OSD) apply(ctx context.Context, id engine.ObjectID, req *basaltv1.ReplicateRequest) error {
+	opts := engine.WriteOptions{Version: req.GetVersion(), Sync: req.GetSync(), Layer: req.GetLayer(), Opaque: req.GetOpaque()}
 	var err error
-	switch op {
+	switch req.GetOp() {
 	case basaltv1.BlockOp_BLOCK_OP_WRITE:
-		err = o.eng.Write(ctx, id, off, data, opts)
+		err = o.eng.Write(ctx, id, req.GetOffset(), req.GetData(), opts)
 	case basaltv1.BlockOp_BLOCK_OP_TRIM:
-		err = o.eng.Trim(ctx, id, off, length, opts)
+		err = o.eng.Trim(ctx, id, req.GetOffset(), req.GetLength(), opts)
 	default:
-		return status.Errorf(codes.InvalidArgument, "operation %v cannot be replicated", op)
+		return status.Errorf(codes.InvalidArgument, "operation %v cannot be replicated", req.GetOp())
 	}
-	return o.engineStatus(fmt.Sprintf("apply %v to object %d.%d at version %d", op, id.Volume, id.Index, v), err)
+	return o.engineStatus(fmt.Sprintf("apply %v to object %d.%d at version %d", req.GetOp(), id.Volume, id.Index, req.GetVersion()), err)
+}
+
+// extentsOut converts engine extents for the wire.
+func extentsOut(ext []engine.Extent) []*basaltv1.Extent {
+	out := make([]*basaltv1.Extent, 0, len(ext))
+	for _, e := range ext {
+		out = append(out, &basaltv1.Extent{Offset: e.Offset, Length: e.Length, Hole: e.Hole, Zero: e.Zero})
+	}
+	return out
 }
 
 // Replicate applies, on a member, a write its primary ordered.
@@ -360,7 +447,7 @@ func (o *OSD) Replicate(ctx context.Context, req *basaltv1.ReplicateRequest) (*b
 	if req.GetVersion() <= o.eng.ObjectVersion(id) {
 		return &basaltv1.ReplicateResponse{}, nil
 	}
-	if err := o.apply(ctx, id, req.GetOp(), req.GetOffset(), req.GetLength(), req.GetData(), req.GetVersion(), req.GetSync()); err != nil {
+	if err := o.apply(ctx, id, req); err != nil {
 		return nil, err
 	}
 	return &basaltv1.ReplicateResponse{}, nil

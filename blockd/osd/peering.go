@@ -227,14 +227,14 @@ func (o *OSD) PGObjects(ctx context.Context, req *basaltv1.PGObjectsRequest) (*b
 	return resp, nil
 }
 
-// empty reports whether this node holds no data of an object (never written, or trimmed whole).
+// empty reports whether this node holds nothing of an object in any layer (never written, or trimmed whole).
 func (o *OSD) empty(id engine.ObjectID) bool {
-	ext, err := o.eng.Extents(context.Background(), id, 0, engine.ObjectSize)
+	layers, err := o.eng.Layers(context.Background(), id)
 	if err != nil {
 		return false
 	}
-	for _, e := range ext {
-		if !e.Hole {
+	for _, l := range layers {
+		if len(l.Extents) > 0 {
 			return false
 		}
 	}
@@ -263,20 +263,23 @@ func (o *OSD) ReadObject(ctx context.Context, req *basaltv1.ReadObjectRequest) (
 
 func (o *OSD) readObjectLocked(ctx context.Context, id engine.ObjectID) (*basaltv1.ReadObjectResponse, error) {
 	resp := &basaltv1.ReadObjectResponse{Version: o.eng.ObjectVersion(id)}
-	ext, err := o.eng.Extents(ctx, id, 0, engine.ObjectSize)
+	layers, err := o.eng.Layers(ctx, id)
 	if err != nil {
-		return nil, o.engineStatus("extents", err)
+		return nil, o.engineStatus("layers", err)
 	}
-	for _, e := range ext {
-		if e.Hole {
-			continue
+	for _, l := range layers {
+		ol := &basaltv1.ObjectLayer{Tag: l.Tag, Extents: extentsOut(l.Extents)}
+		for _, e := range l.Extents {
+			if e.Zero || e.Hole {
+				continue
+			}
+			buf := make([]byte, e.Length)
+			if err := o.eng.ReadLayer(ctx, id, l.Tag, e.Offset, buf); err != nil {
+				return nil, o.engineStatus(fmt.Sprintf("read object %d.%d", id.Volume, id.Index), err)
+			}
+			ol.Data = append(ol.Data, buf)
 		}
-		buf := make([]byte, e.Length)
-		if err := o.eng.Read(ctx, id, e.Offset, buf); err != nil {
-			return nil, o.engineStatus(fmt.Sprintf("read object %d.%d", id.Volume, id.Index), err)
-		}
-		resp.Extents = append(resp.Extents, &basaltv1.Extent{Offset: e.Offset, Length: e.Length})
-		resp.Data = append(resp.Data, buf)
+		resp.Layers = append(resp.Layers, ol)
 	}
 	return resp, nil
 }
@@ -295,33 +298,57 @@ func (o *OSD) pull(ctx context.Context, epoch uint64, from *basaltv1.StorageNode
 	if resp.GetVersion() <= o.eng.ObjectVersion(id) {
 		return nil
 	}
-	return o.replaceObject(ctx, id, resp.GetVersion(), resp.GetExtents(), resp.GetData())
+	return o.replaceObject(ctx, id, resp.GetVersion(), resp.GetLayers())
 }
 
-// replaceObject makes the local object exactly the given content at the given version. The version is set by
+// replaceObject makes the local object exactly the given layers at the given version. The version is set by
 // the last operation only, so a crash part-way leaves the old version and the next peering repeats the copy.
-func (o *OSD) replaceObject(ctx context.Context, id engine.ObjectID, version uint64, extents []*basaltv1.Extent, data [][]byte) error {
-	if len(extents) != len(data) {
-		return status.Errorf(codes.InvalidArgument, "object %d.%d: %d extents but %d data blocks", id.Volume, id.Index, len(extents), len(data))
+func (o *OSD) replaceObject(ctx context.Context, id engine.ObjectID, version uint64, layers []*basaltv1.ObjectLayer) error {
+	type op struct {
+		tag  uint32
+		e    *basaltv1.Extent
+		data []byte
+	}
+	var ops []op
+	for _, l := range layers {
+		d := 0
+		for _, e := range l.GetExtents() {
+			switch {
+			case e.GetHole():
+				continue
+			case e.GetZero():
+				ops = append(ops, op{tag: l.GetTag(), e: e})
+				continue
+			}
+			if d >= len(l.GetData()) || int64(len(l.GetData()[d])) != e.GetLength() {
+				return status.Errorf(codes.InvalidArgument, "object %d.%d: layer %d: data does not match its extents", id.Volume, id.Index, l.GetTag())
+			}
+			ops = append(ops, op{tag: l.GetTag(), e: e, data: l.GetData()[d]})
+			d++
+		}
 	}
 	cur := o.eng.ObjectVersion(id)
-	last := len(extents) - 1
-	trimVersion := cur
-	if last < 0 {
-		trimVersion = version
+	clearVersion := cur
+	if len(ops) == 0 {
+		clearVersion = version
 	}
-	if err := o.eng.Trim(ctx, id, 0, engine.ObjectSize, engine.WriteOptions{Version: trimVersion}); err != nil {
+	if err := o.eng.ClearObject(ctx, id, engine.WriteOptions{Version: clearVersion}); err != nil {
 		return o.engineStatus("clear object before copy", err)
 	}
-	for i, e := range extents {
-		if int64(len(data[i])) != e.GetLength() {
-			return status.Errorf(codes.InvalidArgument, "object %d.%d: extent %d is %d bytes, data %d", id.Volume, id.Index, i, e.GetLength(), len(data[i]))
+	for i, p := range ops {
+		opts := engine.WriteOptions{Version: cur, Layer: p.tag}
+		if i == len(ops)-1 {
+			opts.Version = version
 		}
-		v := cur
-		if i == last {
-			v = version
+		var err error
+		if p.data != nil {
+			err = o.eng.Write(ctx, id, p.e.GetOffset(), p.data, opts)
+		} else {
+			// Zeros recorded in a layer hide what is beneath, whatever that is on this node.
+			opts.Opaque = true
+			err = o.eng.Trim(ctx, id, p.e.GetOffset(), p.e.GetLength(), opts)
 		}
-		if err := o.eng.Write(ctx, id, e.GetOffset(), data[i], engine.WriteOptions{Version: v}); err != nil {
+		if err != nil {
 			return o.engineStatus("copy object", err)
 		}
 	}
@@ -339,7 +366,7 @@ func (o *OSD) PushObject(ctx context.Context, req *basaltv1.PushObjectRequest) (
 	if req.GetVersion() < cur || req.GetVersion() == cur && !req.GetRepair() {
 		return &basaltv1.PushObjectResponse{}, nil
 	}
-	if err := o.replaceObject(ctx, id, req.GetVersion(), req.GetExtents(), req.GetData()); err != nil {
+	if err := o.replaceObject(ctx, id, req.GetVersion(), req.GetLayers()); err != nil {
 		return nil, err
 	}
 	return &basaltv1.PushObjectResponse{}, nil
@@ -358,7 +385,7 @@ func (o *OSD) push(ctx context.Context, epoch uint64, member *basaltv1.StorageNo
 	}
 	_, err = c.PushObject(ctx, &basaltv1.PushObjectRequest{
 		Epoch: epoch, Primary: o.id, Object: &basaltv1.ObjectRef{Volume: id.Volume, Index: id.Index},
-		Version: obj.GetVersion(), Extents: obj.GetExtents(), Data: obj.GetData(), Repair: repair,
+		Version: obj.GetVersion(), Layers: obj.GetLayers(), Repair: repair,
 	})
 	if err != nil {
 		return fmt.Errorf("push object %d.%d to %s: %w", id.Volume, id.Index, member.GetId(), err)

@@ -42,7 +42,7 @@ func (o *OSD) repairLocalLocked(ctx context.Context, r Route, id engine.ObjectID
 			tried = append(tried, fmt.Sprintf("%s holds version %d, not %d", member.GetId(), resp.GetVersion(), want))
 			continue
 		}
-		if err := o.replaceObject(ctx, id, want, resp.GetExtents(), resp.GetData()); err != nil {
+		if err := o.replaceObject(ctx, id, want, resp.GetLayers()); err != nil {
 			return err
 		}
 		o.log.Warn("repaired a corrupt copy from a member", "object", fmt.Sprintf("%d.%d", id.Volume, id.Index), "from", member.GetId(), "version", want)

@@ -20,6 +20,10 @@ func (o *OSD) HasData(ctx context.Context, req *basaltv1.HasDataRequest) (*basal
 }
 
 func (o *OSD) hasDataFrom(ctx context.Context, volume, from uint64) (bool, error) {
+	if p := o.cloneParent(volume); p != nil && p.GetSizeBytes() > from {
+		// The parent may supply data there (the clone's own copies of it are not the only data it reads).
+		return true, nil
+	}
 	first := from / engine.ObjectSize
 	for _, id := range o.eng.Objects(volume) {
 		switch {
@@ -27,14 +31,8 @@ func (o *OSD) hasDataFrom(ctx context.Context, volume, from uint64) (bool, error
 			return true, nil
 		case id.Index == first:
 			off := int64(from % engine.ObjectSize)
-			ext, err := o.eng.Extents(ctx, id, off, engine.ObjectSize-off)
-			if err != nil {
-				return false, err
-			}
-			for _, e := range ext {
-				if !e.Hole {
-					return true, nil
-				}
+			if has, err := o.headHasData(ctx, id, off); err != nil || has {
+				return has, err
 			}
 		}
 	}
@@ -56,7 +54,21 @@ func (o *OSD) trimPastEnd(ctx context.Context, running *sync.Mutex) {
 		if pool == nil {
 			continue
 		}
-		for _, id := range o.eng.Objects(vol.GetId()) {
+		objects := o.eng.Objects(vol.GetId())
+		if p := vol.GetParent(); p != nil {
+			// A clone also reads, past its end, what its parent holds there: those objects need zeros recorded
+			// even where this node holds nothing.
+			local := map[uint64]bool{}
+			for _, id := range objects {
+				local[id.Index] = true
+			}
+			for idx := size / engine.ObjectSize; idx*engine.ObjectSize < p.GetSizeBytes(); idx++ {
+				if !local[idx] {
+					objects = append(objects, engine.ObjectID{Volume: vol.GetId(), Index: idx})
+				}
+			}
+		}
+		for _, id := range objects {
 			start := int64(id.Index) * engine.ObjectSize
 			if uint64(start+engine.ObjectSize) <= size {
 				continue
@@ -69,9 +81,13 @@ func (o *OSD) trimPastEnd(ctx context.Context, running *sync.Mutex) {
 			if uint64(start) < size {
 				off = int64(size) - start
 			}
+			if has, err := o.visiblePastEnd(ctx, vol, id, off); err != nil || !has {
+				// Trimmed already (checkpoints may keep the old bytes in lower layers; the head hides them).
+				continue
+			}
 			_, err := o.ClientOp(ctx, &basaltv1.ClientOpRequest{
 				Epoch: m.GetEpoch(), Object: &basaltv1.ObjectRef{Volume: id.Volume, Index: id.Index},
-				Op: basaltv1.BlockOp_BLOCK_OP_TRIM, Offset: off, Length: engine.ObjectSize - off,
+				Op: basaltv1.BlockOp_BLOCK_OP_TRIM, Offset: off, Length: engine.ObjectSize - off, Layer: vol.GetCheckpointSeq(),
 			})
 			if err != nil {
 				if ctx.Err() == nil {
@@ -82,4 +98,30 @@ func (o *OSD) trimPastEnd(ctx context.Context, running *sync.Mutex) {
 			o.log.Info("trimmed data past the end of a shrunk volume", "volume", vol.GetName(), "object", id.Index, "from", off)
 		}
 	}
+}
+
+// headHasData reports whether the object's current content (not its checkpoints) has data from off on.
+func (o *OSD) headHasData(ctx context.Context, id engine.ObjectID, off int64) (bool, error) {
+	ext, err := o.eng.ExtentsView(ctx, id, 0, off, engine.ObjectSize-off)
+	if err != nil {
+		return false, err
+	}
+	for _, e := range ext {
+		if !e.Hole && !e.Zero {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// visiblePastEnd reports whether a volume's object shows anything but zeros from off on: data of its own, or,
+// for a clone, holes its parent fills.
+func (o *OSD) visiblePastEnd(ctx context.Context, vol *basaltv1.Volume, id engine.ObjectID, off int64) (bool, error) {
+	if p := vol.GetParent(); p != nil {
+		holes, err := o.parentHoles(ctx, p, id, 0, off, engine.ObjectSize-off)
+		if err != nil || len(holes) > 0 {
+			return len(holes) > 0, err
+		}
+	}
+	return o.headHasData(ctx, id, off)
 }

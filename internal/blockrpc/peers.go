@@ -1,4 +1,8 @@
-package osd
+// Package blockrpc holds the gRPC plumbing every caller of BlockService shares: a pool of connections to storage
+// nodes, redialled when a node's address changes, and the message limits both ends must agree on. blockd nodes
+// use it to reach each other, metad to coordinate them (checkpoints, usage). It depends on grpc and the API types
+// only.
+package blockrpc
 
 import (
 	"fmt"

@@ -12,6 +12,7 @@ import (
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
 
+	"github.com/basalt-hv/basalt/internal/blockrpc"
 	"github.com/basalt-hv/basalt/metad/registry"
 	"github.com/basalt-hv/basalt/metad/schema"
 	"github.com/basalt-hv/basalt/metad/store"
@@ -30,14 +31,16 @@ type ClusterServer struct {
 	EmbeddedEtcd  bool
 	MetadID       string
 	Version       string
+	// Peers reaches storage nodes, for the calls that coordinate them (checkpoints).
+	Peers *blockrpc.Peers
 }
 
 // Register registers every API service on s. Install UnimplementedInterceptor on s too, so that services not
 // built yet say what they lack.
 func Register(s *grpc.Server, c *ClusterServer) {
 	basaltv1.RegisterClusterServiceServer(s, c)
-	basaltv1.RegisterVolumeServiceServer(s, &VolumeServer{Store: c.Store})
-	basaltv1.RegisterCheckpointServiceServer(s, basaltv1.UnimplementedCheckpointServiceServer{})
+	basaltv1.RegisterVolumeServiceServer(s, &VolumeServer{Store: c.Store, Peers: c.Peers})
+	basaltv1.RegisterCheckpointServiceServer(s, &CheckpointServer{Store: c.Store, Peers: c.Peers})
 	basaltv1.RegisterAttachmentServiceServer(s, basaltv1.UnimplementedAttachmentServiceServer{})
 	basaltv1.RegisterVMServiceServer(s, basaltv1.UnimplementedVMServiceServer{})
 	basaltv1.RegisterNetworkServiceServer(s, basaltv1.UnimplementedNetworkServiceServer{})
@@ -46,8 +49,6 @@ func Register(s *grpc.Server, c *ClusterServer) {
 // missing says what an unbuilt service lacks, for its Unimplemented answers.
 func missing(service string) string {
 	switch service {
-	case "basalt.v1.CheckpointService":
-		return "checkpoints need the versioned block map of the block layer, which this build does not have yet"
 	case "basalt.v1.AttachmentService":
 		return "attachments need the block layer's fencing (attachment generations), which this build does not have yet"
 	case "basalt.v1.VMService":

@@ -49,10 +49,6 @@ func TestUnbuiltServicesSayWhatIsMissing(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	calls := map[string]func() error{
-		"versioned block map": func() error {
-			_, err := basaltv1.NewCheckpointServiceClient(c).ListCheckpoints(ctx, &basaltv1.ListCheckpointsRequest{})
-			return err
-		},
 		"fencing": func() error {
 			_, err := basaltv1.NewAttachmentServiceClient(c).Attach(ctx, &basaltv1.AttachRequest{})
 			return err

@@ -10,6 +10,7 @@ import (
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
 
+	"github.com/basalt-hv/basalt/internal/blockrpc"
 	"github.com/basalt-hv/basalt/internal/placement"
 	"github.com/basalt-hv/basalt/metad/clustermap"
 	"github.com/basalt-hv/basalt/metad/registry"
@@ -35,6 +36,8 @@ const MaxPGs = 1 << 16
 type VolumeServer struct {
 	basaltv1.UnimplementedVolumeServiceServer
 	Store *store.Store
+	// Peers reaches storage nodes, for the calls they carry out (flatten, copy).
+	Peers *blockrpc.Peers
 }
 
 func invalid(format string, args ...any) error {
@@ -45,6 +48,20 @@ func invalid(format string, args ...any) error {
 func (v *VolumeServer) CreateVolume(ctx context.Context, r *basaltv1.CreateVolumeRequest) (*basaltv1.Volume, error) {
 	if err := schema.ValidateName("volume", r.GetName()); err != nil {
 		return nil, invalid("%v", err)
+	}
+	var parent *parentInfo
+	if r.GetSource() != "" {
+		var err error
+		if parent, err = v.cloneSource(ctx, r.GetSource()); err != nil {
+			return nil, err
+		}
+		if r.GetSectorSize() != 0 && r.GetSectorSize() != parent.vol.GetSectorSize() {
+			return nil, invalid("a linked clone has its parent's %d-byte sectors", parent.vol.GetSectorSize())
+		}
+		r.SectorSize = parent.vol.GetSectorSize()
+		if r.GetSizeBytes() == 0 {
+			r.SizeBytes = parent.ckpt.GetSizeBytes()
+		}
 	}
 	sector := r.GetSectorSize()
 	if sector == 0 {
@@ -81,6 +98,24 @@ func (v *VolumeServer) CreateVolume(ctx context.Context, r *basaltv1.CreateVolum
 		CreatedAt:  timestamppb.Now(),
 		Pool:       poolName,
 	}
+	// For a clone, rewriting the parent's record in the same transaction bumps its revision, so that a deletion
+	// of the checkpoint (or of the parent) that checked for clones before this one existed fails its
+	// compare-and-swap and checks again.
+	parentTxn := func() ([]clientv3.Cmp, []clientv3.Op, error) {
+		if parent == nil {
+			return nil, nil, nil
+		}
+		vol.Parent = &basaltv1.VolumeParent{
+			Volume: parent.vol.GetName(), VolumeId: parent.vol.GetId(),
+			Checkpoint: parent.ckpt.GetName(), CheckpointId: parent.ckpt.GetId(), SizeBytes: parent.ckpt.GetSizeBytes(),
+		}
+		pb, err := proto.Marshal(parent.rec.Value)
+		if err != nil {
+			return nil, nil, status.Errorf(codes.Internal, "encode volume: %v", err)
+		}
+		return []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(parent.rec.Key), "=", parent.rec.ModRevision)},
+			[]clientv3.Op{clientv3.OpPut(parent.rec.Key, string(pb))}, nil
+	}
 	// The ID counter and the record are written in one transaction: an ID is never handed out twice, and a
 	// failed create consumes none.
 	for {
@@ -98,15 +133,19 @@ func (v *VolumeServer) CreateVolume(ctx context.Context, r *basaltv1.CreateVolum
 			rev = cur.Kvs[0].ModRevision
 		}
 		vol.Id = last + 1
+		cmps, ops, err := parentTxn()
+		if err != nil {
+			return nil, err
+		}
 		b, err := proto.MarshalOptions{Deterministic: true}.Marshal(vol)
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "encode volume: %v", err)
 		}
 		key := schema.VolumeKey(vol.GetName())
 		resp, err := v.Store.Client.Txn(ctx).
-			If(clientv3.Compare(clientv3.ModRevision(schema.VolumeIDCounter), "=", rev),
-				clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-			Then(clientv3.OpPut(schema.VolumeIDCounter, strconv.FormatUint(vol.Id, 10)), clientv3.OpPut(key, string(b))).
+			If(append([]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(schema.VolumeIDCounter), "=", rev),
+				clientv3.Compare(clientv3.CreateRevision(key), "=", 0)}, cmps...)...).
+			Then(append([]clientv3.Op{clientv3.OpPut(schema.VolumeIDCounter, strconv.FormatUint(vol.Id, 10)), clientv3.OpPut(key, string(b))}, ops...)...).
 			Commit()
 		if err != nil {
 			return nil, toStatus(err)
@@ -117,6 +156,12 @@ func (v *VolumeServer) CreateVolume(ctx context.Context, r *basaltv1.CreateVolum
 		}
 		if _, err := store.Get[basaltv1.Volume](ctx, v.Store, key); err == nil {
 			return nil, status.Errorf(codes.AlreadyExists, "volume %q already exists", vol.GetName())
+		}
+		if parent != nil {
+			// The parent changed (or another create took the next ID): check the source again.
+			if parent, err = v.cloneSource(ctx, r.GetSource()); err != nil {
+				return nil, err
+			}
 		}
 		// Another create took the next ID first: try again with the one after.
 	}
@@ -165,6 +210,13 @@ func (v *VolumeServer) DeleteVolume(ctx context.Context, r *basaltv1.DeleteVolum
 	rec, err := v.get(ctx, r.GetName())
 	if err != nil {
 		return nil, err
+	}
+	clones, err := v.clonesOf(ctx, rec.Value.GetId(), 0)
+	if err != nil {
+		return nil, err
+	}
+	if len(clones) > 0 {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %q has linked clones (%s); flatten them first (basalt volume flatten NAME) or delete them", r.GetName(), strings.Join(clones, ", "))
 	}
 	if err := v.Store.Delete(ctx, rec.Key, rec.ModRevision); err != nil {
 		return nil, toStatus(err)

@@ -13,6 +13,7 @@ import (
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
 
+	"github.com/basalt-hv/basalt/internal/blockrpc"
 	"github.com/basalt-hv/basalt/internal/buildinfo"
 	"github.com/basalt-hv/basalt/internal/datadir"
 	"github.com/basalt-hv/basalt/internal/node"
@@ -111,7 +112,10 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	ctlCtx, stopCtl := context.WithCancel(ctx)
 	go func() { ctl.Run(ctlCtx); close(ctlDone) }()
 	defer func() { stopCtl(); <-ctlDone }()
+	peers := blockrpc.NewPeers()
+	defer peers.Close()
 	api.Register(n.GRPC, &api.ClusterServer{
+		Peers:         peers,
 		Store:         n.Store,
 		EtcdEndpoints: c.Node.EtcdEndpoints,
 		EmbeddedEtcd:  embedded,

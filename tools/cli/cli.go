@@ -81,6 +81,7 @@ from --endpoint, else $BASALT_ENDPOINT, else the client config that 'basalt up' 
 		return usageError{fmt.Errorf("%v (see '%s --help')", err, cmd.CommandPath())}
 	})
 	root.AddCommand(a.upCmd(), a.nodeCmd(), a.clusterCmd(), a.volumeCmd(), a.poolCmd(), a.versionCmd())
+	root.AddCommand(a.checkpointCmd())
 	// Unknown subcommands are usage errors too; cobra reports them from Args validation.
 	root.Args = func(cmd *cobra.Command, args []string) error {
 		if len(args) > 0 {

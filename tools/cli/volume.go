@@ -25,7 +25,8 @@ is used as data is written. Every blockd exports every volume over NBD (the expo
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 	}
-	cmd.AddCommand(a.volumeCreateCmd(), a.volumeListCmd(), a.volumeInspectCmd(), a.volumeResizeCmd(), a.volumeDeleteCmd(), a.volumeScrubCmd())
+	cmd.AddCommand(a.volumeCreateCmd(), a.volumeListCmd(), a.volumeInspectCmd(), a.volumeResizeCmd(), a.volumeDeleteCmd(), a.volumeScrubCmd(),
+		a.volumeFlattenCmd(), a.volumeCopyCmd())
 	return cmd
 }
 
@@ -36,37 +37,137 @@ func (a *app) volumes(ctx context.Context, fn func(context.Context, basaltv1.Vol
 }
 
 func (a *app) volumeCreateCmd() *cobra.Command {
-	var size, pool string
+	var size, pool, from string
 	var sector uint32
 	var shared bool
 	cmd := &cobra.Command{
-		Use:     "create NAME --size SIZE",
-		Short:   "Create a thin volume",
-		Example: "  basalt volume create disk0 --size 20G\n  basalt volume create quorum --size 1G --shared --pool two-copies",
-		Args:    exactArgs(1, "one volume name"),
+		Use:   "create NAME --size SIZE | --from VOLUME@CHECKPOINT",
+		Short: "Create a thin volume, or a linked clone of a checkpoint",
+		Long: `Creates a thin volume: only its record is stored, whatever its size.
+
+With --from, the volume is a linked clone of a checkpoint, created in constant time: it reads the checkpoint's
+blocks until it writes its own, so a hundred clones of a template cost one template. Its size defaults to the
+checkpoint's. 'basalt volume flatten' copies the shared blocks in and detaches it from its parent.`,
+		Example: "  basalt volume create disk0 --size 20G\n  basalt volume create quorum --size 1G --shared --pool two-copies\n" +
+			"  basalt volume create vm7-boot --from golden@v3",
+		Args: exactArgs(1, "one volume name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			n, err := parseSize(size)
-			if err != nil {
-				return usageError{fmt.Errorf("--size: %w", err)}
+			var n uint64
+			if size == "" && from == "" {
+				return usageError{fmt.Errorf("give the volume a --size, or make it a clone with --from VOLUME@CHECKPOINT")}
+			}
+			if size != "" {
+				var err error
+				if n, err = parseSize(size); err != nil {
+					return usageError{fmt.Errorf("--size: %w", err)}
+				}
+			}
+			if !cmd.Flags().Changed("sector-size") && from != "" {
+				sector = 0 // the parent's
 			}
 			var v *basaltv1.Volume
-			err = a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) (err error) {
-				v, err = c.CreateVolume(ctx, &basaltv1.CreateVolumeRequest{Name: args[0], SizeBytes: n, SectorSize: sector, Shared: shared, Pool: pool})
+			err := a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) (err error) {
+				v, err = c.CreateVolume(ctx, &basaltv1.CreateVolumeRequest{Name: args[0], SizeBytes: n, SectorSize: sector, Shared: shared, Pool: pool, Source: from})
 				return err
 			})
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(a.out, "volume %s created: %s, %d replicas (pool %s), %d-byte sectors\n", v.GetName(), sizeString(v.GetSizeBytes()), v.GetReplicas(), v.GetPool(), v.GetSectorSize())
+			fmt.Fprintf(a.out, "volume %s created: %s, %d replicas (pool %s), %d-byte sectors", v.GetName(), sizeString(v.GetSizeBytes()), v.GetReplicas(), v.GetPool(), v.GetSectorSize())
+			if p := v.GetParent(); p != nil {
+				fmt.Fprintf(a.out, ", linked clone of %s@%s", p.GetVolume(), p.GetCheckpoint())
+			}
+			fmt.Fprintln(a.out)
 			return nil
 		},
 	}
+	cmd.Flags().StringVar(&from, "from", "", "create a linked clone of this checkpoint (VOLUME@CHECKPOINT)")
 	cmd.Flags().StringVar(&size, "size", "", "size, in bytes or with a unit: 512M, 20G, 1T, 1P (binary units)")
 	cmd.Flags().StringVar(&pool, "pool", "", "pool to create the volume in (default \"default\": 3 copies)")
 	cmd.Flags().Uint32Var(&sector, "sector-size", 512, "logical sector size: 512 or 4096")
 	cmd.Flags().BoolVar(&shared, "shared", false, "allow several attachments at once (guest clusters)")
-	cmd.MarkFlagRequired("size")
 	return cmd
+}
+
+func (a *app) volumeFlattenCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "flatten NAME",
+		Short: "Copy into a linked clone the blocks it shares with its parent, online, and detach it",
+		Long: `Copies, inside the cluster, every block the clone still reads from its parent checkpoint, while the clone stays
+in use, then detaches it: the parent checkpoint may then be deleted. Interrupted, it is simply run again.`,
+		Args:              exactArgs(1, "one volume name"),
+		ValidArgsFunction: a.completeVolumes,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			start := time.Now()
+			err := a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) error {
+				_, err := c.FlattenVolume(ctx, &basaltv1.FlattenVolumeRequest{Name: args[0]})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.out, "volume %s flattened in %s\n", args[0], time.Since(start).Round(time.Millisecond))
+			return nil
+		},
+	}
+}
+
+func (a *app) volumeCopyCmd() *cobra.Command {
+	var create bool
+	var pool, srcOff, dstOff, length string
+	cmd := &cobra.Command{
+		Use:   "copy SOURCE DESTINATION",
+		Short: "Copy a volume, a checkpoint or a range inside the cluster (offloaded copy)",
+		Long: `Copies without the data passing through this machine. SOURCE is VOLUME or VOLUME@CHECKPOINT.
+
+With --create, DESTINATION is a new volume with the source's content: a linked clone of the checkpoint (of a
+temporary one for a VOLUME), flattened by the storage nodes. Without it, a range of the source is copied onto the
+existing DESTINATION (--source-offset, --destination-offset, --length; holes stay holes).`,
+		Example: "  basalt volume copy golden@v3 vm8-boot --create\n  basalt volume copy disk0 disk1 --source-offset 1G --destination-offset 0 --length 512M",
+		Args:    exactArgs(2, "a source and a destination"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := &basaltv1.CopyVolumeRequest{Source: args[0], Destination: args[1], Create: create, Pool: pool}
+			for _, f := range []struct {
+				name, val string
+				dst       *uint64
+			}{{"source-offset", srcOff, &req.SourceOffset}, {"destination-offset", dstOff, &req.DestinationOffset}, {"length", length, &req.Length}} {
+				if f.val == "" {
+					continue
+				}
+				n, err := parseSizeOrZero(f.val)
+				if err != nil {
+					return usageError{fmt.Errorf("--%s: %w", f.name, err)}
+				}
+				*f.dst = n
+			}
+			start := time.Now()
+			var resp *basaltv1.CopyVolumeResponse
+			err := a.volumes(cmd.Context(), func(ctx context.Context, c basaltv1.VolumeServiceClient) (err error) {
+				resp, err = c.CopyVolume(ctx, req)
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			took := time.Since(start)
+			fmt.Fprintf(a.out, "copied %s of data in %s (%.0f MB/s)\n", sizeString(resp.GetBytesCopied()), took.Round(time.Millisecond), float64(resp.GetBytesCopied())/took.Seconds()/1e6)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&create, "create", false, "create DESTINATION as a full copy of SOURCE")
+	cmd.Flags().StringVar(&pool, "pool", "", "pool of a created destination (default: the source's)")
+	cmd.Flags().StringVar(&srcOff, "source-offset", "", "first byte of the source range (with a unit, e.g. 1G)")
+	cmd.Flags().StringVar(&dstOff, "destination-offset", "", "where the range goes in the destination")
+	cmd.Flags().StringVar(&length, "length", "", "bytes to copy (default: to the end of the source)")
+	return cmd
+}
+
+// parseSizeOrZero is parseSize that also accepts 0.
+func parseSizeOrZero(s string) (uint64, error) {
+	if strings.TrimSpace(s) == "0" {
+		return 0, nil
+	}
+	return parseSize(s)
 }
 
 func (a *app) volumeListCmd() *cobra.Command {
@@ -117,6 +218,16 @@ func (a *app) volumeInspectCmd() *cobra.Command {
 				fmt.Fprintf(w, "Pool:\t%s, %d replicas\n", v.GetPool(), v.GetReplicas())
 				fmt.Fprintf(w, "Shared:\t%v\n", v.GetShared())
 				fmt.Fprintf(w, "Created:\t%s\n", v.GetCreatedAt().AsTime().Local().Format(time.RFC3339))
+				if p := v.GetParent(); p != nil {
+					fmt.Fprintf(w, "Linked clone of:\t%s@%s (flatten with 'basalt volume flatten %s')\n", p.GetVolume(), p.GetCheckpoint(), v.GetName())
+				}
+				if cs := v.GetCheckpoints(); len(cs) > 0 {
+					var names []string
+					for _, c := range cs {
+						names = append(names, c.GetName())
+					}
+					fmt.Fprintf(w, "Checkpoints:\t%s (NBD exports %s@NAME, read-only)\n", strings.Join(names, ", "), v.GetName())
+				}
 				health := "healthy"
 				switch {
 				case st.GetPgsUnavailable() > 0:

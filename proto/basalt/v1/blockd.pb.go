@@ -29,6 +29,10 @@ const (
 	BlockOp_BLOCK_OP_WRITE       BlockOp = 2
 	BlockOp_BLOCK_OP_TRIM        BlockOp = 3
 	BlockOp_BLOCK_OP_EXTENTS     BlockOp = 4
+	// The ranges changed in layers [changed_from, view) (view 0: up to now).
+	BlockOp_BLOCK_OP_CHANGED BlockOp = 5
+	// Copy into a linked clone's object, beneath all its layers, the parent's blocks it does not hold.
+	BlockOp_BLOCK_OP_COPYUP BlockOp = 6
 )
 
 // Enum value maps for BlockOp.
@@ -39,6 +43,8 @@ var (
 		2: "BLOCK_OP_WRITE",
 		3: "BLOCK_OP_TRIM",
 		4: "BLOCK_OP_EXTENTS",
+		5: "BLOCK_OP_CHANGED",
+		6: "BLOCK_OP_COPYUP",
 	}
 	BlockOp_value = map[string]int32{
 		"BLOCK_OP_UNSPECIFIED": 0,
@@ -46,6 +52,8 @@ var (
 		"BLOCK_OP_WRITE":       2,
 		"BLOCK_OP_TRIM":        3,
 		"BLOCK_OP_EXTENTS":     4,
+		"BLOCK_OP_CHANGED":     5,
+		"BLOCK_OP_COPYUP":      6,
 	}
 )
 
@@ -76,6 +84,930 @@ func (BlockOp) EnumDescriptor() ([]byte, []int) {
 	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{0}
 }
 
+type FlattenCloneRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        uint64                 `protobuf:"varint,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FlattenCloneRequest) Reset() {
+	*x = FlattenCloneRequest{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FlattenCloneRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FlattenCloneRequest) ProtoMessage() {}
+
+func (x *FlattenCloneRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FlattenCloneRequest.ProtoReflect.Descriptor instead.
+func (*FlattenCloneRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *FlattenCloneRequest) GetVolume() uint64 {
+	if x != nil {
+		return x.Volume
+	}
+	return 0
+}
+
+type FlattenCloneResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	BytesCopied   uint64                 `protobuf:"varint,1,opt,name=bytes_copied,json=bytesCopied,proto3" json:"bytes_copied,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FlattenCloneResponse) Reset() {
+	*x = FlattenCloneResponse{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FlattenCloneResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FlattenCloneResponse) ProtoMessage() {}
+
+func (x *FlattenCloneResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FlattenCloneResponse.ProtoReflect.Descriptor instead.
+func (*FlattenCloneResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *FlattenCloneResponse) GetBytesCopied() uint64 {
+	if x != nil {
+		return x.BytesCopied
+	}
+	return 0
+}
+
+type CopyRangeRequest struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	Source            uint64                 `protobuf:"varint,1,opt,name=source,proto3" json:"source,omitempty"`
+	SourceView        uint32                 `protobuf:"varint,2,opt,name=source_view,json=sourceView,proto3" json:"source_view,omitempty"`
+	Destination       uint64                 `protobuf:"varint,3,opt,name=destination,proto3" json:"destination,omitempty"`
+	SourceOffset      uint64                 `protobuf:"varint,4,opt,name=source_offset,json=sourceOffset,proto3" json:"source_offset,omitempty"`
+	DestinationOffset uint64                 `protobuf:"varint,5,opt,name=destination_offset,json=destinationOffset,proto3" json:"destination_offset,omitempty"`
+	Length            uint64                 `protobuf:"varint,6,opt,name=length,proto3" json:"length,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *CopyRangeRequest) Reset() {
+	*x = CopyRangeRequest{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyRangeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyRangeRequest) ProtoMessage() {}
+
+func (x *CopyRangeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyRangeRequest.ProtoReflect.Descriptor instead.
+func (*CopyRangeRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *CopyRangeRequest) GetSource() uint64 {
+	if x != nil {
+		return x.Source
+	}
+	return 0
+}
+
+func (x *CopyRangeRequest) GetSourceView() uint32 {
+	if x != nil {
+		return x.SourceView
+	}
+	return 0
+}
+
+func (x *CopyRangeRequest) GetDestination() uint64 {
+	if x != nil {
+		return x.Destination
+	}
+	return 0
+}
+
+func (x *CopyRangeRequest) GetSourceOffset() uint64 {
+	if x != nil {
+		return x.SourceOffset
+	}
+	return 0
+}
+
+func (x *CopyRangeRequest) GetDestinationOffset() uint64 {
+	if x != nil {
+		return x.DestinationOffset
+	}
+	return 0
+}
+
+func (x *CopyRangeRequest) GetLength() uint64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+type CopyRangeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	BytesCopied   uint64                 `protobuf:"varint,1,opt,name=bytes_copied,json=bytesCopied,proto3" json:"bytes_copied,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopyRangeResponse) Reset() {
+	*x = CopyRangeResponse{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyRangeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyRangeResponse) ProtoMessage() {}
+
+func (x *CopyRangeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyRangeResponse.ProtoReflect.Descriptor instead.
+func (*CopyRangeResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *CopyRangeResponse) GetBytesCopied() uint64 {
+	if x != nil {
+		return x.BytesCopied
+	}
+	return 0
+}
+
+type RevertToCheckpointRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        uint64                 `protobuf:"varint,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Checkpoint    uint32                 `protobuf:"varint,2,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevertToCheckpointRequest) Reset() {
+	*x = RevertToCheckpointRequest{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevertToCheckpointRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevertToCheckpointRequest) ProtoMessage() {}
+
+func (x *RevertToCheckpointRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevertToCheckpointRequest.ProtoReflect.Descriptor instead.
+func (*RevertToCheckpointRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *RevertToCheckpointRequest) GetVolume() uint64 {
+	if x != nil {
+		return x.Volume
+	}
+	return 0
+}
+
+func (x *RevertToCheckpointRequest) GetCheckpoint() uint32 {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return 0
+}
+
+type RevertToCheckpointResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	BytesCopied   uint64                 `protobuf:"varint,1,opt,name=bytes_copied,json=bytesCopied,proto3" json:"bytes_copied,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevertToCheckpointResponse) Reset() {
+	*x = RevertToCheckpointResponse{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevertToCheckpointResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevertToCheckpointResponse) ProtoMessage() {}
+
+func (x *RevertToCheckpointResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevertToCheckpointResponse.ProtoReflect.Descriptor instead.
+func (*RevertToCheckpointResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *RevertToCheckpointResponse) GetBytesCopied() uint64 {
+	if x != nil {
+		return x.BytesCopied
+	}
+	return 0
+}
+
+type VolumeCheckpointRef struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume uint64                 `protobuf:"varint,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	// The checkpoint's number in the volume.
+	Checkpoint    uint32 `protobuf:"varint,2,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeCheckpointRef) Reset() {
+	*x = VolumeCheckpointRef{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeCheckpointRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeCheckpointRef) ProtoMessage() {}
+
+func (x *VolumeCheckpointRef) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeCheckpointRef.ProtoReflect.Descriptor instead.
+func (*VolumeCheckpointRef) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *VolumeCheckpointRef) GetVolume() uint64 {
+	if x != nil {
+		return x.Volume
+	}
+	return 0
+}
+
+func (x *VolumeCheckpointRef) GetCheckpoint() uint32 {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return 0
+}
+
+type PrepareCheckpointRequest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Token       string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	Checkpoints []*VolumeCheckpointRef `protobuf:"bytes,2,rep,name=checkpoints,proto3" json:"checkpoints,omitempty"`
+	// How long to hold at most before finding out from etcd what became of the checkpoint.
+	HoldMillis    int64 `protobuf:"varint,3,opt,name=hold_millis,json=holdMillis,proto3" json:"hold_millis,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareCheckpointRequest) Reset() {
+	*x = PrepareCheckpointRequest{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareCheckpointRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareCheckpointRequest) ProtoMessage() {}
+
+func (x *PrepareCheckpointRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareCheckpointRequest.ProtoReflect.Descriptor instead.
+func (*PrepareCheckpointRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *PrepareCheckpointRequest) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *PrepareCheckpointRequest) GetCheckpoints() []*VolumeCheckpointRef {
+	if x != nil {
+		return x.Checkpoints
+	}
+	return nil
+}
+
+func (x *PrepareCheckpointRequest) GetHoldMillis() int64 {
+	if x != nil {
+		return x.HoldMillis
+	}
+	return 0
+}
+
+type PrepareCheckpointResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareCheckpointResponse) Reset() {
+	*x = PrepareCheckpointResponse{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareCheckpointResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareCheckpointResponse) ProtoMessage() {}
+
+func (x *PrepareCheckpointResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareCheckpointResponse.ProtoReflect.Descriptor instead.
+func (*PrepareCheckpointResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{8}
+}
+
+type ReleaseCheckpointRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	Checkpoints   []*VolumeCheckpointRef `protobuf:"bytes,2,rep,name=checkpoints,proto3" json:"checkpoints,omitempty"`
+	Committed     bool                   `protobuf:"varint,3,opt,name=committed,proto3" json:"committed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseCheckpointRequest) Reset() {
+	*x = ReleaseCheckpointRequest{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseCheckpointRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseCheckpointRequest) ProtoMessage() {}
+
+func (x *ReleaseCheckpointRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseCheckpointRequest.ProtoReflect.Descriptor instead.
+func (*ReleaseCheckpointRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ReleaseCheckpointRequest) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *ReleaseCheckpointRequest) GetCheckpoints() []*VolumeCheckpointRef {
+	if x != nil {
+		return x.Checkpoints
+	}
+	return nil
+}
+
+func (x *ReleaseCheckpointRequest) GetCommitted() bool {
+	if x != nil {
+		return x.Committed
+	}
+	return false
+}
+
+type ReleaseCheckpointResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseCheckpointResponse) Reset() {
+	*x = ReleaseCheckpointResponse{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseCheckpointResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseCheckpointResponse) ProtoMessage() {}
+
+func (x *ReleaseCheckpointResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseCheckpointResponse.ProtoReflect.Descriptor instead.
+func (*ReleaseCheckpointResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{10}
+}
+
+type CheckpointUsageRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume uint64                 `protobuf:"varint,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	// Checkpoint numbers to report; 0 is the volume's current content.
+	Views         []uint32 `protobuf:"varint,2,rep,packed,name=views,proto3" json:"views,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckpointUsageRequest) Reset() {
+	*x = CheckpointUsageRequest{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckpointUsageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckpointUsageRequest) ProtoMessage() {}
+
+func (x *CheckpointUsageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckpointUsageRequest.ProtoReflect.Descriptor instead.
+func (*CheckpointUsageRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *CheckpointUsageRequest) GetVolume() uint64 {
+	if x != nil {
+		return x.Volume
+	}
+	return 0
+}
+
+func (x *CheckpointUsageRequest) GetViews() []uint32 {
+	if x != nil {
+		return x.Views
+	}
+	return nil
+}
+
+type CheckpointUsage struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	View           uint32                 `protobuf:"varint,1,opt,name=view,proto3" json:"view,omitempty"`
+	VisibleBytes   uint64                 `protobuf:"varint,2,opt,name=visible_bytes,json=visibleBytes,proto3" json:"visible_bytes,omitempty"`
+	ExclusiveBytes uint64                 `protobuf:"varint,3,opt,name=exclusive_bytes,json=exclusiveBytes,proto3" json:"exclusive_bytes,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *CheckpointUsage) Reset() {
+	*x = CheckpointUsage{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckpointUsage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckpointUsage) ProtoMessage() {}
+
+func (x *CheckpointUsage) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckpointUsage.ProtoReflect.Descriptor instead.
+func (*CheckpointUsage) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *CheckpointUsage) GetView() uint32 {
+	if x != nil {
+		return x.View
+	}
+	return 0
+}
+
+func (x *CheckpointUsage) GetVisibleBytes() uint64 {
+	if x != nil {
+		return x.VisibleBytes
+	}
+	return 0
+}
+
+func (x *CheckpointUsage) GetExclusiveBytes() uint64 {
+	if x != nil {
+		return x.ExclusiveBytes
+	}
+	return 0
+}
+
+type CheckpointUsageResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Usage         []*CheckpointUsage     `protobuf:"bytes,1,rep,name=usage,proto3" json:"usage,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckpointUsageResponse) Reset() {
+	*x = CheckpointUsageResponse{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckpointUsageResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckpointUsageResponse) ProtoMessage() {}
+
+func (x *CheckpointUsageResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckpointUsageResponse.ProtoReflect.Descriptor instead.
+func (*CheckpointUsageResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *CheckpointUsageResponse) GetUsage() []*CheckpointUsage {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
+}
+
+type VolumeChangedRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume uint64                 `protobuf:"varint,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	From   uint32                 `protobuf:"varint,2,opt,name=from,proto3" json:"from,omitempty"`
+	// 0 means up to now.
+	To            uint32 `protobuf:"varint,3,opt,name=to,proto3" json:"to,omitempty"`
+	Offset        uint64 `protobuf:"varint,4,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length        uint64 `protobuf:"varint,5,opt,name=length,proto3" json:"length,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeChangedRequest) Reset() {
+	*x = VolumeChangedRequest{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeChangedRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeChangedRequest) ProtoMessage() {}
+
+func (x *VolumeChangedRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeChangedRequest.ProtoReflect.Descriptor instead.
+func (*VolumeChangedRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *VolumeChangedRequest) GetVolume() uint64 {
+	if x != nil {
+		return x.Volume
+	}
+	return 0
+}
+
+func (x *VolumeChangedRequest) GetFrom() uint32 {
+	if x != nil {
+		return x.From
+	}
+	return 0
+}
+
+func (x *VolumeChangedRequest) GetTo() uint32 {
+	if x != nil {
+		return x.To
+	}
+	return 0
+}
+
+func (x *VolumeChangedRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *VolumeChangedRequest) GetLength() uint64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+type VolumeChangedResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Extents       []*Extent              `protobuf:"bytes,1,rep,name=extents,proto3" json:"extents,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeChangedResponse) Reset() {
+	*x = VolumeChangedResponse{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeChangedResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeChangedResponse) ProtoMessage() {}
+
+func (x *VolumeChangedResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeChangedResponse.ProtoReflect.Descriptor instead.
+func (*VolumeChangedResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *VolumeChangedResponse) GetExtents() []*Extent {
+	if x != nil {
+		return x.Extents
+	}
+	return nil
+}
+
+type VolumeOpenRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        uint64                 `protobuf:"varint,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeOpenRequest) Reset() {
+	*x = VolumeOpenRequest{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeOpenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeOpenRequest) ProtoMessage() {}
+
+func (x *VolumeOpenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeOpenRequest.ProtoReflect.Descriptor instead.
+func (*VolumeOpenRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *VolumeOpenRequest) GetVolume() uint64 {
+	if x != nil {
+		return x.Volume
+	}
+	return 0
+}
+
+type VolumeOpenResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Open          bool                   `protobuf:"varint,1,opt,name=open,proto3" json:"open,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeOpenResponse) Reset() {
+	*x = VolumeOpenResponse{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeOpenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeOpenResponse) ProtoMessage() {}
+
+func (x *VolumeOpenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeOpenResponse.ProtoReflect.Descriptor instead.
+func (*VolumeOpenResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *VolumeOpenResponse) GetOpen() bool {
+	if x != nil {
+		return x.Open
+	}
+	return false
+}
+
 type HasDataRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Volume        uint64                 `protobuf:"varint,1,opt,name=volume,proto3" json:"volume,omitempty"`
@@ -86,7 +1018,7 @@ type HasDataRequest struct {
 
 func (x *HasDataRequest) Reset() {
 	*x = HasDataRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -98,7 +1030,7 @@ func (x *HasDataRequest) String() string {
 func (*HasDataRequest) ProtoMessage() {}
 
 func (x *HasDataRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[0]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -111,7 +1043,7 @@ func (x *HasDataRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HasDataRequest.ProtoReflect.Descriptor instead.
 func (*HasDataRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{0}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *HasDataRequest) GetVolume() uint64 {
@@ -137,7 +1069,7 @@ type HasDataResponse struct {
 
 func (x *HasDataResponse) Reset() {
 	*x = HasDataResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -149,7 +1081,7 @@ func (x *HasDataResponse) String() string {
 func (*HasDataResponse) ProtoMessage() {}
 
 func (x *HasDataResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[1]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -162,7 +1094,7 @@ func (x *HasDataResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HasDataResponse.ProtoReflect.Descriptor instead.
 func (*HasDataResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{1}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *HasDataResponse) GetHasData() bool {
@@ -182,7 +1114,7 @@ type ScrubRequest struct {
 
 func (x *ScrubRequest) Reset() {
 	*x = ScrubRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -194,7 +1126,7 @@ func (x *ScrubRequest) String() string {
 func (*ScrubRequest) ProtoMessage() {}
 
 func (x *ScrubRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[2]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -207,7 +1139,7 @@ func (x *ScrubRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScrubRequest.ProtoReflect.Descriptor instead.
 func (*ScrubRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{2}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ScrubRequest) GetVolume() uint64 {
@@ -234,7 +1166,7 @@ type ScrubResponse struct {
 
 func (x *ScrubResponse) Reset() {
 	*x = ScrubResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -246,7 +1178,7 @@ func (x *ScrubResponse) String() string {
 func (*ScrubResponse) ProtoMessage() {}
 
 func (x *ScrubResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[3]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -259,7 +1191,7 @@ func (x *ScrubResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScrubResponse.ProtoReflect.Descriptor instead.
 func (*ScrubResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{3}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ScrubResponse) GetPgs() uint32 {
@@ -314,7 +1246,7 @@ type ObjectRef struct {
 
 func (x *ObjectRef) Reset() {
 	*x = ObjectRef{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -326,7 +1258,7 @@ func (x *ObjectRef) String() string {
 func (*ObjectRef) ProtoMessage() {}
 
 func (x *ObjectRef) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[4]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -339,7 +1271,7 @@ func (x *ObjectRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectRef.ProtoReflect.Descriptor instead.
 func (*ObjectRef) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{4}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ObjectRef) GetVolume() uint64 {
@@ -366,14 +1298,20 @@ type ClientOpRequest struct {
 	Length int64  `protobuf:"varint,5,opt,name=length,proto3" json:"length,omitempty"`
 	Data   []byte `protobuf:"bytes,6,opt,name=data,proto3" json:"data,omitempty"`
 	// Durable on every member before the answer (NBD FUA).
-	Sync          bool `protobuf:"varint,7,opt,name=sync,proto3" json:"sync,omitempty"`
+	Sync bool `protobuf:"varint,7,opt,name=sync,proto3" json:"sync,omitempty"`
+	// Writes: the volume's checkpoint_seq as the gateway knows it, the layer the write lands in. A primary that
+	// knows a newer one refuses the write (FailedPrecondition), and the gateway retries with the newer one.
+	Layer uint32 `protobuf:"varint,8,opt,name=layer,proto3" json:"layer,omitempty"`
+	// Reads, extents and changes: the checkpoint to read (0: the current content).
+	View          uint32 `protobuf:"varint,9,opt,name=view,proto3" json:"view,omitempty"`
+	ChangedFrom   uint32 `protobuf:"varint,10,opt,name=changed_from,json=changedFrom,proto3" json:"changed_from,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ClientOpRequest) Reset() {
 	*x = ClientOpRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -385,7 +1323,7 @@ func (x *ClientOpRequest) String() string {
 func (*ClientOpRequest) ProtoMessage() {}
 
 func (x *ClientOpRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[5]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -398,7 +1336,7 @@ func (x *ClientOpRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClientOpRequest.ProtoReflect.Descriptor instead.
 func (*ClientOpRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{5}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ClientOpRequest) GetEpoch() uint64 {
@@ -450,18 +1388,42 @@ func (x *ClientOpRequest) GetSync() bool {
 	return false
 }
 
+func (x *ClientOpRequest) GetLayer() uint32 {
+	if x != nil {
+		return x.Layer
+	}
+	return 0
+}
+
+func (x *ClientOpRequest) GetView() uint32 {
+	if x != nil {
+		return x.View
+	}
+	return 0
+}
+
+func (x *ClientOpRequest) GetChangedFrom() uint32 {
+	if x != nil {
+		return x.ChangedFrom
+	}
+	return 0
+}
+
 type Extent struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Offset        int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
-	Length        int64                  `protobuf:"varint,2,opt,name=length,proto3" json:"length,omitempty"`
-	Hole          bool                   `protobuf:"varint,3,opt,name=hole,proto3" json:"hole,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Offset int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length int64                  `protobuf:"varint,2,opt,name=length,proto3" json:"length,omitempty"`
+	// Stored nowhere (reads as zeros).
+	Hole bool `protobuf:"varint,3,opt,name=hole,proto3" json:"hole,omitempty"`
+	// Trimmed explicitly (reads as zeros, hides older layers).
+	Zero          bool `protobuf:"varint,4,opt,name=zero,proto3" json:"zero,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Extent) Reset() {
 	*x = Extent{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -473,7 +1435,7 @@ func (x *Extent) String() string {
 func (*Extent) ProtoMessage() {}
 
 func (x *Extent) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[6]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -486,7 +1448,7 @@ func (x *Extent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Extent.ProtoReflect.Descriptor instead.
 func (*Extent) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{6}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Extent) GetOffset() int64 {
@@ -510,18 +1472,89 @@ func (x *Extent) GetHole() bool {
 	return false
 }
 
+func (x *Extent) GetZero() bool {
+	if x != nil {
+		return x.Zero
+	}
+	return false
+}
+
+// ObjectLayer is one layer of an object: what was written or trimmed between two of its volume's checkpoints.
+type ObjectLayer struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Tag   uint32                 `protobuf:"varint,1,opt,name=tag,proto3" json:"tag,omitempty"`
+	// Data and zero extents; data holds one entry per data extent, in order.
+	Extents       []*Extent `protobuf:"bytes,2,rep,name=extents,proto3" json:"extents,omitempty"`
+	Data          [][]byte  `protobuf:"bytes,3,rep,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ObjectLayer) Reset() {
+	*x = ObjectLayer{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ObjectLayer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ObjectLayer) ProtoMessage() {}
+
+func (x *ObjectLayer) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ObjectLayer.ProtoReflect.Descriptor instead.
+func (*ObjectLayer) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ObjectLayer) GetTag() uint32 {
+	if x != nil {
+		return x.Tag
+	}
+	return 0
+}
+
+func (x *ObjectLayer) GetExtents() []*Extent {
+	if x != nil {
+		return x.Extents
+	}
+	return nil
+}
+
+func (x *ObjectLayer) GetData() [][]byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 type ClientOpResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
-	Extents       []*Extent              `protobuf:"bytes,2,rep,name=extents,proto3" json:"extents,omitempty"`
-	Version       uint64                 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Data    []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	Extents []*Extent              `protobuf:"bytes,2,rep,name=extents,proto3" json:"extents,omitempty"`
+	Version uint64                 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	// COPYUP: bytes copied from the parent.
+	CopiedBytes   uint64 `protobuf:"varint,4,opt,name=copied_bytes,json=copiedBytes,proto3" json:"copied_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ClientOpResponse) Reset() {
 	*x = ClientOpResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -533,7 +1566,7 @@ func (x *ClientOpResponse) String() string {
 func (*ClientOpResponse) ProtoMessage() {}
 
 func (x *ClientOpResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[7]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -546,7 +1579,7 @@ func (x *ClientOpResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClientOpResponse.ProtoReflect.Descriptor instead.
 func (*ClientOpResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{7}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ClientOpResponse) GetData() []byte {
@@ -570,6 +1603,13 @@ func (x *ClientOpResponse) GetVersion() uint64 {
 	return 0
 }
 
+func (x *ClientOpResponse) GetCopiedBytes() uint64 {
+	if x != nil {
+		return x.CopiedBytes
+	}
+	return 0
+}
+
 type ReplicateRequest struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Epoch   uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
@@ -581,14 +1621,17 @@ type ReplicateRequest struct {
 	Version uint64                 `protobuf:"varint,7,opt,name=version,proto3" json:"version,omitempty"`
 	Sync    bool                   `protobuf:"varint,8,opt,name=sync,proto3" json:"sync,omitempty"`
 	// The primary that ordered the write.
-	Primary       string `protobuf:"bytes,9,opt,name=primary,proto3" json:"primary,omitempty"`
+	Primary string `protobuf:"bytes,9,opt,name=primary,proto3" json:"primary,omitempty"`
+	Layer   uint32 `protobuf:"varint,10,opt,name=layer,proto3" json:"layer,omitempty"`
+	// Trims: record zeros even over what lies beneath the object.
+	Opaque        bool `protobuf:"varint,11,opt,name=opaque,proto3" json:"opaque,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ReplicateRequest) Reset() {
 	*x = ReplicateRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -600,7 +1643,7 @@ func (x *ReplicateRequest) String() string {
 func (*ReplicateRequest) ProtoMessage() {}
 
 func (x *ReplicateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[8]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -613,7 +1656,7 @@ func (x *ReplicateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateRequest.ProtoReflect.Descriptor instead.
 func (*ReplicateRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{8}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ReplicateRequest) GetEpoch() uint64 {
@@ -679,6 +1722,20 @@ func (x *ReplicateRequest) GetPrimary() string {
 	return ""
 }
 
+func (x *ReplicateRequest) GetLayer() uint32 {
+	if x != nil {
+		return x.Layer
+	}
+	return 0
+}
+
+func (x *ReplicateRequest) GetOpaque() bool {
+	if x != nil {
+		return x.Opaque
+	}
+	return false
+}
+
 type ReplicateResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -687,7 +1744,7 @@ type ReplicateResponse struct {
 
 func (x *ReplicateResponse) Reset() {
 	*x = ReplicateResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -699,7 +1756,7 @@ func (x *ReplicateResponse) String() string {
 func (*ReplicateResponse) ProtoMessage() {}
 
 func (x *ReplicateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[9]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -712,7 +1769,7 @@ func (x *ReplicateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateResponse.ProtoReflect.Descriptor instead.
 func (*ReplicateResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{9}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{28}
 }
 
 type SyncRequest struct {
@@ -723,7 +1780,7 @@ type SyncRequest struct {
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -735,7 +1792,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[10]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -748,7 +1805,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{10}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{29}
 }
 
 type SyncResponse struct {
@@ -759,7 +1816,7 @@ type SyncResponse struct {
 
 func (x *SyncResponse) Reset() {
 	*x = SyncResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -771,7 +1828,7 @@ func (x *SyncResponse) String() string {
 func (*SyncResponse) ProtoMessage() {}
 
 func (x *SyncResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[11]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -784,7 +1841,7 @@ func (x *SyncResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncResponse.ProtoReflect.Descriptor instead.
 func (*SyncResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{11}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{30}
 }
 
 type PGObjectsRequest struct {
@@ -800,7 +1857,7 @@ type PGObjectsRequest struct {
 
 func (x *PGObjectsRequest) Reset() {
 	*x = PGObjectsRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -812,7 +1869,7 @@ func (x *PGObjectsRequest) String() string {
 func (*PGObjectsRequest) ProtoMessage() {}
 
 func (x *PGObjectsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[12]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -825,7 +1882,7 @@ func (x *PGObjectsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PGObjectsRequest.ProtoReflect.Descriptor instead.
 func (*PGObjectsRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{12}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *PGObjectsRequest) GetEpoch() uint64 {
@@ -872,7 +1929,7 @@ type ObjectVersion struct {
 
 func (x *ObjectVersion) Reset() {
 	*x = ObjectVersion{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -884,7 +1941,7 @@ func (x *ObjectVersion) String() string {
 func (*ObjectVersion) ProtoMessage() {}
 
 func (x *ObjectVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[13]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -897,7 +1954,7 @@ func (x *ObjectVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectVersion.ProtoReflect.Descriptor instead.
 func (*ObjectVersion) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{13}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ObjectVersion) GetObject() *ObjectRef {
@@ -944,7 +2001,7 @@ type PGObjectsResponse struct {
 
 func (x *PGObjectsResponse) Reset() {
 	*x = PGObjectsResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -956,7 +2013,7 @@ func (x *PGObjectsResponse) String() string {
 func (*PGObjectsResponse) ProtoMessage() {}
 
 func (x *PGObjectsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[14]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -969,7 +2026,7 @@ func (x *PGObjectsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PGObjectsResponse.ProtoReflect.Descriptor instead.
 func (*PGObjectsResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{14}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *PGObjectsResponse) GetObjects() []*ObjectVersion {
@@ -989,7 +2046,7 @@ type ReadObjectRequest struct {
 
 func (x *ReadObjectRequest) Reset() {
 	*x = ReadObjectRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[15]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1001,7 +2058,7 @@ func (x *ReadObjectRequest) String() string {
 func (*ReadObjectRequest) ProtoMessage() {}
 
 func (x *ReadObjectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[15]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1014,7 +2071,7 @@ func (x *ReadObjectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadObjectRequest.ProtoReflect.Descriptor instead.
 func (*ReadObjectRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{15}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ReadObjectRequest) GetEpoch() uint64 {
@@ -1034,16 +2091,15 @@ func (x *ReadObjectRequest) GetObject() *ObjectRef {
 type ReadObjectResponse struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Version uint64                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
-	// The object's data extents (holes are omitted).
-	Extents       []*Extent `protobuf:"bytes,2,rep,name=extents,proto3" json:"extents,omitempty"`
-	Data          [][]byte  `protobuf:"bytes,3,rep,name=data,proto3" json:"data,omitempty"`
+	// The object's layers, lowest first.
+	Layers        []*ObjectLayer `protobuf:"bytes,4,rep,name=layers,proto3" json:"layers,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ReadObjectResponse) Reset() {
 	*x = ReadObjectResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[16]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1055,7 +2111,7 @@ func (x *ReadObjectResponse) String() string {
 func (*ReadObjectResponse) ProtoMessage() {}
 
 func (x *ReadObjectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[16]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1068,7 +2124,7 @@ func (x *ReadObjectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadObjectResponse.ProtoReflect.Descriptor instead.
 func (*ReadObjectResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{16}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ReadObjectResponse) GetVersion() uint64 {
@@ -1078,16 +2134,9 @@ func (x *ReadObjectResponse) GetVersion() uint64 {
 	return 0
 }
 
-func (x *ReadObjectResponse) GetExtents() []*Extent {
+func (x *ReadObjectResponse) GetLayers() []*ObjectLayer {
 	if x != nil {
-		return x.Extents
-	}
-	return nil
-}
-
-func (x *ReadObjectResponse) GetData() [][]byte {
-	if x != nil {
-		return x.Data
+		return x.Layers
 	}
 	return nil
 }
@@ -1098,17 +2147,16 @@ type PushObjectRequest struct {
 	Primary string                 `protobuf:"bytes,2,opt,name=primary,proto3" json:"primary,omitempty"`
 	Object  *ObjectRef             `protobuf:"bytes,3,opt,name=object,proto3" json:"object,omitempty"`
 	Version uint64                 `protobuf:"varint,4,opt,name=version,proto3" json:"version,omitempty"`
-	Extents []*Extent              `protobuf:"bytes,5,rep,name=extents,proto3" json:"extents,omitempty"`
-	Data    [][]byte               `protobuf:"bytes,6,rep,name=data,proto3" json:"data,omitempty"`
 	// Replace the member's copy even at the same version: the primary found it corrupt or different.
-	Repair        bool `protobuf:"varint,7,opt,name=repair,proto3" json:"repair,omitempty"`
+	Repair        bool           `protobuf:"varint,7,opt,name=repair,proto3" json:"repair,omitempty"`
+	Layers        []*ObjectLayer `protobuf:"bytes,8,rep,name=layers,proto3" json:"layers,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PushObjectRequest) Reset() {
 	*x = PushObjectRequest{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[17]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1120,7 +2168,7 @@ func (x *PushObjectRequest) String() string {
 func (*PushObjectRequest) ProtoMessage() {}
 
 func (x *PushObjectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[17]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1133,7 +2181,7 @@ func (x *PushObjectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PushObjectRequest.ProtoReflect.Descriptor instead.
 func (*PushObjectRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{17}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *PushObjectRequest) GetEpoch() uint64 {
@@ -1164,25 +2212,18 @@ func (x *PushObjectRequest) GetVersion() uint64 {
 	return 0
 }
 
-func (x *PushObjectRequest) GetExtents() []*Extent {
-	if x != nil {
-		return x.Extents
-	}
-	return nil
-}
-
-func (x *PushObjectRequest) GetData() [][]byte {
-	if x != nil {
-		return x.Data
-	}
-	return nil
-}
-
 func (x *PushObjectRequest) GetRepair() bool {
 	if x != nil {
 		return x.Repair
 	}
 	return false
+}
+
+func (x *PushObjectRequest) GetLayers() []*ObjectLayer {
+	if x != nil {
+		return x.Layers
+	}
+	return nil
 }
 
 type PushObjectResponse struct {
@@ -1193,7 +2234,7 @@ type PushObjectResponse struct {
 
 func (x *PushObjectResponse) Reset() {
 	*x = PushObjectResponse{}
-	mi := &file_basalt_v1_blockd_proto_msgTypes[18]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1205,7 +2246,7 @@ func (x *PushObjectResponse) String() string {
 func (*PushObjectResponse) ProtoMessage() {}
 
 func (x *PushObjectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_blockd_proto_msgTypes[18]
+	mi := &file_basalt_v1_blockd_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1218,14 +2259,72 @@ func (x *PushObjectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PushObjectResponse.ProtoReflect.Descriptor instead.
 func (*PushObjectResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{18}
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{37}
 }
 
 var File_basalt_v1_blockd_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\n" +
-	"\x16basalt/v1/blockd.proto\x12\tbasalt.v1\"<\n" +
+	"\x16basalt/v1/blockd.proto\x12\tbasalt.v1\"-\n" +
+	"\x13FlattenCloneRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\x04R\x06volume\"9\n" +
+	"\x14FlattenCloneResponse\x12!\n" +
+	"\fbytes_copied\x18\x01 \x01(\x04R\vbytesCopied\"\xd9\x01\n" +
+	"\x10CopyRangeRequest\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\x04R\x06source\x12\x1f\n" +
+	"\vsource_view\x18\x02 \x01(\rR\n" +
+	"sourceView\x12 \n" +
+	"\vdestination\x18\x03 \x01(\x04R\vdestination\x12#\n" +
+	"\rsource_offset\x18\x04 \x01(\x04R\fsourceOffset\x12-\n" +
+	"\x12destination_offset\x18\x05 \x01(\x04R\x11destinationOffset\x12\x16\n" +
+	"\x06length\x18\x06 \x01(\x04R\x06length\"6\n" +
+	"\x11CopyRangeResponse\x12!\n" +
+	"\fbytes_copied\x18\x01 \x01(\x04R\vbytesCopied\"S\n" +
+	"\x19RevertToCheckpointRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\x04R\x06volume\x12\x1e\n" +
+	"\n" +
+	"checkpoint\x18\x02 \x01(\rR\n" +
+	"checkpoint\"?\n" +
+	"\x1aRevertToCheckpointResponse\x12!\n" +
+	"\fbytes_copied\x18\x01 \x01(\x04R\vbytesCopied\"M\n" +
+	"\x13VolumeCheckpointRef\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\x04R\x06volume\x12\x1e\n" +
+	"\n" +
+	"checkpoint\x18\x02 \x01(\rR\n" +
+	"checkpoint\"\x93\x01\n" +
+	"\x18PrepareCheckpointRequest\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12@\n" +
+	"\vcheckpoints\x18\x02 \x03(\v2\x1e.basalt.v1.VolumeCheckpointRefR\vcheckpoints\x12\x1f\n" +
+	"\vhold_millis\x18\x03 \x01(\x03R\n" +
+	"holdMillis\"\x1b\n" +
+	"\x19PrepareCheckpointResponse\"\x90\x01\n" +
+	"\x18ReleaseCheckpointRequest\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12@\n" +
+	"\vcheckpoints\x18\x02 \x03(\v2\x1e.basalt.v1.VolumeCheckpointRefR\vcheckpoints\x12\x1c\n" +
+	"\tcommitted\x18\x03 \x01(\bR\tcommitted\"\x1b\n" +
+	"\x19ReleaseCheckpointResponse\"F\n" +
+	"\x16CheckpointUsageRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\x04R\x06volume\x12\x14\n" +
+	"\x05views\x18\x02 \x03(\rR\x05views\"s\n" +
+	"\x0fCheckpointUsage\x12\x12\n" +
+	"\x04view\x18\x01 \x01(\rR\x04view\x12#\n" +
+	"\rvisible_bytes\x18\x02 \x01(\x04R\fvisibleBytes\x12'\n" +
+	"\x0fexclusive_bytes\x18\x03 \x01(\x04R\x0eexclusiveBytes\"K\n" +
+	"\x17CheckpointUsageResponse\x120\n" +
+	"\x05usage\x18\x01 \x03(\v2\x1a.basalt.v1.CheckpointUsageR\x05usage\"\x82\x01\n" +
+	"\x14VolumeChangedRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\x04R\x06volume\x12\x12\n" +
+	"\x04from\x18\x02 \x01(\rR\x04from\x12\x0e\n" +
+	"\x02to\x18\x03 \x01(\rR\x02to\x12\x16\n" +
+	"\x06offset\x18\x04 \x01(\x04R\x06offset\x12\x16\n" +
+	"\x06length\x18\x05 \x01(\x04R\x06length\"D\n" +
+	"\x15VolumeChangedResponse\x12+\n" +
+	"\aextents\x18\x01 \x03(\v2\x11.basalt.v1.ExtentR\aextents\"+\n" +
+	"\x11VolumeOpenRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\x04R\x06volume\"(\n" +
+	"\x12VolumeOpenResponse\x12\x12\n" +
+	"\x04open\x18\x01 \x01(\bR\x04open\"<\n" +
 	"\x0eHasDataRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\x04R\x06volume\x12\x12\n" +
 	"\x04from\x18\x02 \x01(\x04R\x04from\",\n" +
@@ -1246,7 +2345,7 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"unrepaired\"9\n" +
 	"\tObjectRef\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\x04R\x06volume\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"\xd1\x01\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\x9e\x02\n" +
 	"\x0fClientOpRequest\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12,\n" +
 	"\x06object\x18\x02 \x01(\v2\x14.basalt.v1.ObjectRefR\x06object\x12\"\n" +
@@ -1254,15 +2353,25 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\x06offset\x18\x04 \x01(\x03R\x06offset\x12\x16\n" +
 	"\x06length\x18\x05 \x01(\x03R\x06length\x12\x12\n" +
 	"\x04data\x18\x06 \x01(\fR\x04data\x12\x12\n" +
-	"\x04sync\x18\a \x01(\bR\x04sync\"L\n" +
+	"\x04sync\x18\a \x01(\bR\x04sync\x12\x14\n" +
+	"\x05layer\x18\b \x01(\rR\x05layer\x12\x12\n" +
+	"\x04view\x18\t \x01(\rR\x04view\x12!\n" +
+	"\fchanged_from\x18\n" +
+	" \x01(\rR\vchangedFrom\"`\n" +
 	"\x06Extent\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x16\n" +
 	"\x06length\x18\x02 \x01(\x03R\x06length\x12\x12\n" +
-	"\x04hole\x18\x03 \x01(\bR\x04hole\"m\n" +
+	"\x04hole\x18\x03 \x01(\bR\x04hole\x12\x12\n" +
+	"\x04zero\x18\x04 \x01(\bR\x04zero\"`\n" +
+	"\vObjectLayer\x12\x10\n" +
+	"\x03tag\x18\x01 \x01(\rR\x03tag\x12+\n" +
+	"\aextents\x18\x02 \x03(\v2\x11.basalt.v1.ExtentR\aextents\x12\x12\n" +
+	"\x04data\x18\x03 \x03(\fR\x04data\"\x90\x01\n" +
 	"\x10ClientOpResponse\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12+\n" +
 	"\aextents\x18\x02 \x03(\v2\x11.basalt.v1.ExtentR\aextents\x12\x18\n" +
-	"\aversion\x18\x03 \x01(\x04R\aversion\"\x86\x02\n" +
+	"\aversion\x18\x03 \x01(\x04R\aversion\x12!\n" +
+	"\fcopied_bytes\x18\x04 \x01(\x04R\vcopiedBytes\"\xb4\x02\n" +
 	"\x10ReplicateRequest\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12,\n" +
 	"\x06object\x18\x02 \x01(\v2\x14.basalt.v1.ObjectRefR\x06object\x12\"\n" +
@@ -1272,7 +2381,10 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\x04data\x18\x06 \x01(\fR\x04data\x12\x18\n" +
 	"\aversion\x18\a \x01(\x04R\aversion\x12\x12\n" +
 	"\x04sync\x18\b \x01(\bR\x04sync\x12\x18\n" +
-	"\aprimary\x18\t \x01(\tR\aprimary\"\x13\n" +
+	"\aprimary\x18\t \x01(\tR\aprimary\x12\x14\n" +
+	"\x05layer\x18\n" +
+	" \x01(\rR\x05layer\x12\x16\n" +
+	"\x06opaque\x18\v \x01(\bR\x06opaque\"\x13\n" +
 	"\x11ReplicateResponse\"\r\n" +
 	"\vSyncRequest\"\x0e\n" +
 	"\fSyncResponse\"j\n" +
@@ -1291,26 +2403,26 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\aobjects\x18\x01 \x03(\v2\x18.basalt.v1.ObjectVersionR\aobjects\"W\n" +
 	"\x11ReadObjectRequest\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12,\n" +
-	"\x06object\x18\x02 \x01(\v2\x14.basalt.v1.ObjectRefR\x06object\"o\n" +
+	"\x06object\x18\x02 \x01(\v2\x14.basalt.v1.ObjectRefR\x06object\"j\n" +
 	"\x12ReadObjectResponse\x12\x18\n" +
-	"\aversion\x18\x01 \x01(\x04R\aversion\x12+\n" +
-	"\aextents\x18\x02 \x03(\v2\x11.basalt.v1.ExtentR\aextents\x12\x12\n" +
-	"\x04data\x18\x03 \x03(\fR\x04data\"\xe4\x01\n" +
+	"\aversion\x18\x01 \x01(\x04R\aversion\x12.\n" +
+	"\x06layers\x18\x04 \x03(\v2\x16.basalt.v1.ObjectLayerR\x06layersJ\x04\b\x02\x10\x03J\x04\b\x03\x10\x04\"\xdf\x01\n" +
 	"\x11PushObjectRequest\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x18\n" +
 	"\aprimary\x18\x02 \x01(\tR\aprimary\x12,\n" +
 	"\x06object\x18\x03 \x01(\v2\x14.basalt.v1.ObjectRefR\x06object\x12\x18\n" +
-	"\aversion\x18\x04 \x01(\x04R\aversion\x12+\n" +
-	"\aextents\x18\x05 \x03(\v2\x11.basalt.v1.ExtentR\aextents\x12\x12\n" +
-	"\x04data\x18\x06 \x03(\fR\x04data\x12\x16\n" +
-	"\x06repair\x18\a \x01(\bR\x06repair\"\x14\n" +
-	"\x12PushObjectResponse*s\n" +
+	"\aversion\x18\x04 \x01(\x04R\aversion\x12\x16\n" +
+	"\x06repair\x18\a \x01(\bR\x06repair\x12.\n" +
+	"\x06layers\x18\b \x03(\v2\x16.basalt.v1.ObjectLayerR\x06layersJ\x04\b\x05\x10\x06J\x04\b\x06\x10\a\"\x14\n" +
+	"\x12PushObjectResponse*\x9e\x01\n" +
 	"\aBlockOp\x12\x18\n" +
 	"\x14BLOCK_OP_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rBLOCK_OP_READ\x10\x01\x12\x12\n" +
 	"\x0eBLOCK_OP_WRITE\x10\x02\x12\x11\n" +
 	"\rBLOCK_OP_TRIM\x10\x03\x12\x14\n" +
-	"\x10BLOCK_OP_EXTENTS\x10\x042\xb0\x04\n" +
+	"\x10BLOCK_OP_EXTENTS\x10\x04\x12\x14\n" +
+	"\x10BLOCK_OP_CHANGED\x10\x05\x12\x13\n" +
+	"\x0fBLOCK_OP_COPYUP\x10\x062\xe5\t\n" +
 	"\fBlockService\x12C\n" +
 	"\bClientOp\x12\x1a.basalt.v1.ClientOpRequest\x1a\x1b.basalt.v1.ClientOpResponse\x12F\n" +
 	"\tReplicate\x12\x1b.basalt.v1.ReplicateRequest\x1a\x1c.basalt.v1.ReplicateResponse\x127\n" +
@@ -1321,7 +2433,16 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\n" +
 	"PushObject\x12\x1c.basalt.v1.PushObjectRequest\x1a\x1d.basalt.v1.PushObjectResponse\x12:\n" +
 	"\x05Scrub\x12\x17.basalt.v1.ScrubRequest\x1a\x18.basalt.v1.ScrubResponse\x12@\n" +
-	"\aHasData\x12\x19.basalt.v1.HasDataRequest\x1a\x1a.basalt.v1.HasDataResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
+	"\aHasData\x12\x19.basalt.v1.HasDataRequest\x1a\x1a.basalt.v1.HasDataResponse\x12^\n" +
+	"\x11PrepareCheckpoint\x12#.basalt.v1.PrepareCheckpointRequest\x1a$.basalt.v1.PrepareCheckpointResponse\x12^\n" +
+	"\x11ReleaseCheckpoint\x12#.basalt.v1.ReleaseCheckpointRequest\x1a$.basalt.v1.ReleaseCheckpointResponse\x12X\n" +
+	"\x0fCheckpointUsage\x12!.basalt.v1.CheckpointUsageRequest\x1a\".basalt.v1.CheckpointUsageResponse\x12R\n" +
+	"\rVolumeChanged\x12\x1f.basalt.v1.VolumeChangedRequest\x1a .basalt.v1.VolumeChangedResponse\x12I\n" +
+	"\n" +
+	"VolumeOpen\x12\x1c.basalt.v1.VolumeOpenRequest\x1a\x1d.basalt.v1.VolumeOpenResponse\x12a\n" +
+	"\x12RevertToCheckpoint\x12$.basalt.v1.RevertToCheckpointRequest\x1a%.basalt.v1.RevertToCheckpointResponse\x12O\n" +
+	"\fFlattenClone\x12\x1e.basalt.v1.FlattenCloneRequest\x1a\x1f.basalt.v1.FlattenCloneResponse\x12F\n" +
+	"\tCopyRange\x12\x1b.basalt.v1.CopyRangeRequest\x1a\x1c.basalt.v1.CopyRangeResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
 
 var (
 	file_basalt_v1_blockd_proto_rawDescOnce sync.Once
@@ -1336,62 +2457,102 @@ func file_basalt_v1_blockd_proto_rawDescGZIP() []byte {
 }
 
 var file_basalt_v1_blockd_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_basalt_v1_blockd_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_basalt_v1_blockd_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_basalt_v1_blockd_proto_goTypes = []any{
-	(BlockOp)(0),               // 0: basalt.v1.BlockOp
-	(*HasDataRequest)(nil),     // 1: basalt.v1.HasDataRequest
-	(*HasDataResponse)(nil),    // 2: basalt.v1.HasDataResponse
-	(*ScrubRequest)(nil),       // 3: basalt.v1.ScrubRequest
-	(*ScrubResponse)(nil),      // 4: basalt.v1.ScrubResponse
-	(*ObjectRef)(nil),          // 5: basalt.v1.ObjectRef
-	(*ClientOpRequest)(nil),    // 6: basalt.v1.ClientOpRequest
-	(*Extent)(nil),             // 7: basalt.v1.Extent
-	(*ClientOpResponse)(nil),   // 8: basalt.v1.ClientOpResponse
-	(*ReplicateRequest)(nil),   // 9: basalt.v1.ReplicateRequest
-	(*ReplicateResponse)(nil),  // 10: basalt.v1.ReplicateResponse
-	(*SyncRequest)(nil),        // 11: basalt.v1.SyncRequest
-	(*SyncResponse)(nil),       // 12: basalt.v1.SyncResponse
-	(*PGObjectsRequest)(nil),   // 13: basalt.v1.PGObjectsRequest
-	(*ObjectVersion)(nil),      // 14: basalt.v1.ObjectVersion
-	(*PGObjectsResponse)(nil),  // 15: basalt.v1.PGObjectsResponse
-	(*ReadObjectRequest)(nil),  // 16: basalt.v1.ReadObjectRequest
-	(*ReadObjectResponse)(nil), // 17: basalt.v1.ReadObjectResponse
-	(*PushObjectRequest)(nil),  // 18: basalt.v1.PushObjectRequest
-	(*PushObjectResponse)(nil), // 19: basalt.v1.PushObjectResponse
+	(BlockOp)(0),                       // 0: basalt.v1.BlockOp
+	(*FlattenCloneRequest)(nil),        // 1: basalt.v1.FlattenCloneRequest
+	(*FlattenCloneResponse)(nil),       // 2: basalt.v1.FlattenCloneResponse
+	(*CopyRangeRequest)(nil),           // 3: basalt.v1.CopyRangeRequest
+	(*CopyRangeResponse)(nil),          // 4: basalt.v1.CopyRangeResponse
+	(*RevertToCheckpointRequest)(nil),  // 5: basalt.v1.RevertToCheckpointRequest
+	(*RevertToCheckpointResponse)(nil), // 6: basalt.v1.RevertToCheckpointResponse
+	(*VolumeCheckpointRef)(nil),        // 7: basalt.v1.VolumeCheckpointRef
+	(*PrepareCheckpointRequest)(nil),   // 8: basalt.v1.PrepareCheckpointRequest
+	(*PrepareCheckpointResponse)(nil),  // 9: basalt.v1.PrepareCheckpointResponse
+	(*ReleaseCheckpointRequest)(nil),   // 10: basalt.v1.ReleaseCheckpointRequest
+	(*ReleaseCheckpointResponse)(nil),  // 11: basalt.v1.ReleaseCheckpointResponse
+	(*CheckpointUsageRequest)(nil),     // 12: basalt.v1.CheckpointUsageRequest
+	(*CheckpointUsage)(nil),            // 13: basalt.v1.CheckpointUsage
+	(*CheckpointUsageResponse)(nil),    // 14: basalt.v1.CheckpointUsageResponse
+	(*VolumeChangedRequest)(nil),       // 15: basalt.v1.VolumeChangedRequest
+	(*VolumeChangedResponse)(nil),      // 16: basalt.v1.VolumeChangedResponse
+	(*VolumeOpenRequest)(nil),          // 17: basalt.v1.VolumeOpenRequest
+	(*VolumeOpenResponse)(nil),         // 18: basalt.v1.VolumeOpenResponse
+	(*HasDataRequest)(nil),             // 19: basalt.v1.HasDataRequest
+	(*HasDataResponse)(nil),            // 20: basalt.v1.HasDataResponse
+	(*ScrubRequest)(nil),               // 21: basalt.v1.ScrubRequest
+	(*ScrubResponse)(nil),              // 22: basalt.v1.ScrubResponse
+	(*ObjectRef)(nil),                  // 23: basalt.v1.ObjectRef
+	(*ClientOpRequest)(nil),            // 24: basalt.v1.ClientOpRequest
+	(*Extent)(nil),                     // 25: basalt.v1.Extent
+	(*ObjectLayer)(nil),                // 26: basalt.v1.ObjectLayer
+	(*ClientOpResponse)(nil),           // 27: basalt.v1.ClientOpResponse
+	(*ReplicateRequest)(nil),           // 28: basalt.v1.ReplicateRequest
+	(*ReplicateResponse)(nil),          // 29: basalt.v1.ReplicateResponse
+	(*SyncRequest)(nil),                // 30: basalt.v1.SyncRequest
+	(*SyncResponse)(nil),               // 31: basalt.v1.SyncResponse
+	(*PGObjectsRequest)(nil),           // 32: basalt.v1.PGObjectsRequest
+	(*ObjectVersion)(nil),              // 33: basalt.v1.ObjectVersion
+	(*PGObjectsResponse)(nil),          // 34: basalt.v1.PGObjectsResponse
+	(*ReadObjectRequest)(nil),          // 35: basalt.v1.ReadObjectRequest
+	(*ReadObjectResponse)(nil),         // 36: basalt.v1.ReadObjectResponse
+	(*PushObjectRequest)(nil),          // 37: basalt.v1.PushObjectRequest
+	(*PushObjectResponse)(nil),         // 38: basalt.v1.PushObjectResponse
 }
 var file_basalt_v1_blockd_proto_depIdxs = []int32{
-	5,  // 0: basalt.v1.ClientOpRequest.object:type_name -> basalt.v1.ObjectRef
-	0,  // 1: basalt.v1.ClientOpRequest.op:type_name -> basalt.v1.BlockOp
-	7,  // 2: basalt.v1.ClientOpResponse.extents:type_name -> basalt.v1.Extent
-	5,  // 3: basalt.v1.ReplicateRequest.object:type_name -> basalt.v1.ObjectRef
-	0,  // 4: basalt.v1.ReplicateRequest.op:type_name -> basalt.v1.BlockOp
-	5,  // 5: basalt.v1.ObjectVersion.object:type_name -> basalt.v1.ObjectRef
-	14, // 6: basalt.v1.PGObjectsResponse.objects:type_name -> basalt.v1.ObjectVersion
-	5,  // 7: basalt.v1.ReadObjectRequest.object:type_name -> basalt.v1.ObjectRef
-	7,  // 8: basalt.v1.ReadObjectResponse.extents:type_name -> basalt.v1.Extent
-	5,  // 9: basalt.v1.PushObjectRequest.object:type_name -> basalt.v1.ObjectRef
-	7,  // 10: basalt.v1.PushObjectRequest.extents:type_name -> basalt.v1.Extent
-	6,  // 11: basalt.v1.BlockService.ClientOp:input_type -> basalt.v1.ClientOpRequest
-	9,  // 12: basalt.v1.BlockService.Replicate:input_type -> basalt.v1.ReplicateRequest
-	11, // 13: basalt.v1.BlockService.Sync:input_type -> basalt.v1.SyncRequest
-	13, // 14: basalt.v1.BlockService.PGObjects:input_type -> basalt.v1.PGObjectsRequest
-	16, // 15: basalt.v1.BlockService.ReadObject:input_type -> basalt.v1.ReadObjectRequest
-	18, // 16: basalt.v1.BlockService.PushObject:input_type -> basalt.v1.PushObjectRequest
-	3,  // 17: basalt.v1.BlockService.Scrub:input_type -> basalt.v1.ScrubRequest
-	1,  // 18: basalt.v1.BlockService.HasData:input_type -> basalt.v1.HasDataRequest
-	8,  // 19: basalt.v1.BlockService.ClientOp:output_type -> basalt.v1.ClientOpResponse
-	10, // 20: basalt.v1.BlockService.Replicate:output_type -> basalt.v1.ReplicateResponse
-	12, // 21: basalt.v1.BlockService.Sync:output_type -> basalt.v1.SyncResponse
-	15, // 22: basalt.v1.BlockService.PGObjects:output_type -> basalt.v1.PGObjectsResponse
-	17, // 23: basalt.v1.BlockService.ReadObject:output_type -> basalt.v1.ReadObjectResponse
-	19, // 24: basalt.v1.BlockService.PushObject:output_type -> basalt.v1.PushObjectResponse
-	4,  // 25: basalt.v1.BlockService.Scrub:output_type -> basalt.v1.ScrubResponse
-	2,  // 26: basalt.v1.BlockService.HasData:output_type -> basalt.v1.HasDataResponse
-	19, // [19:27] is the sub-list for method output_type
-	11, // [11:19] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	7,  // 0: basalt.v1.PrepareCheckpointRequest.checkpoints:type_name -> basalt.v1.VolumeCheckpointRef
+	7,  // 1: basalt.v1.ReleaseCheckpointRequest.checkpoints:type_name -> basalt.v1.VolumeCheckpointRef
+	13, // 2: basalt.v1.CheckpointUsageResponse.usage:type_name -> basalt.v1.CheckpointUsage
+	25, // 3: basalt.v1.VolumeChangedResponse.extents:type_name -> basalt.v1.Extent
+	23, // 4: basalt.v1.ClientOpRequest.object:type_name -> basalt.v1.ObjectRef
+	0,  // 5: basalt.v1.ClientOpRequest.op:type_name -> basalt.v1.BlockOp
+	25, // 6: basalt.v1.ObjectLayer.extents:type_name -> basalt.v1.Extent
+	25, // 7: basalt.v1.ClientOpResponse.extents:type_name -> basalt.v1.Extent
+	23, // 8: basalt.v1.ReplicateRequest.object:type_name -> basalt.v1.ObjectRef
+	0,  // 9: basalt.v1.ReplicateRequest.op:type_name -> basalt.v1.BlockOp
+	23, // 10: basalt.v1.ObjectVersion.object:type_name -> basalt.v1.ObjectRef
+	33, // 11: basalt.v1.PGObjectsResponse.objects:type_name -> basalt.v1.ObjectVersion
+	23, // 12: basalt.v1.ReadObjectRequest.object:type_name -> basalt.v1.ObjectRef
+	26, // 13: basalt.v1.ReadObjectResponse.layers:type_name -> basalt.v1.ObjectLayer
+	23, // 14: basalt.v1.PushObjectRequest.object:type_name -> basalt.v1.ObjectRef
+	26, // 15: basalt.v1.PushObjectRequest.layers:type_name -> basalt.v1.ObjectLayer
+	24, // 16: basalt.v1.BlockService.ClientOp:input_type -> basalt.v1.ClientOpRequest
+	28, // 17: basalt.v1.BlockService.Replicate:input_type -> basalt.v1.ReplicateRequest
+	30, // 18: basalt.v1.BlockService.Sync:input_type -> basalt.v1.SyncRequest
+	32, // 19: basalt.v1.BlockService.PGObjects:input_type -> basalt.v1.PGObjectsRequest
+	35, // 20: basalt.v1.BlockService.ReadObject:input_type -> basalt.v1.ReadObjectRequest
+	37, // 21: basalt.v1.BlockService.PushObject:input_type -> basalt.v1.PushObjectRequest
+	21, // 22: basalt.v1.BlockService.Scrub:input_type -> basalt.v1.ScrubRequest
+	19, // 23: basalt.v1.BlockService.HasData:input_type -> basalt.v1.HasDataRequest
+	8,  // 24: basalt.v1.BlockService.PrepareCheckpoint:input_type -> basalt.v1.PrepareCheckpointRequest
+	10, // 25: basalt.v1.BlockService.ReleaseCheckpoint:input_type -> basalt.v1.ReleaseCheckpointRequest
+	12, // 26: basalt.v1.BlockService.CheckpointUsage:input_type -> basalt.v1.CheckpointUsageRequest
+	15, // 27: basalt.v1.BlockService.VolumeChanged:input_type -> basalt.v1.VolumeChangedRequest
+	17, // 28: basalt.v1.BlockService.VolumeOpen:input_type -> basalt.v1.VolumeOpenRequest
+	5,  // 29: basalt.v1.BlockService.RevertToCheckpoint:input_type -> basalt.v1.RevertToCheckpointRequest
+	1,  // 30: basalt.v1.BlockService.FlattenClone:input_type -> basalt.v1.FlattenCloneRequest
+	3,  // 31: basalt.v1.BlockService.CopyRange:input_type -> basalt.v1.CopyRangeRequest
+	27, // 32: basalt.v1.BlockService.ClientOp:output_type -> basalt.v1.ClientOpResponse
+	29, // 33: basalt.v1.BlockService.Replicate:output_type -> basalt.v1.ReplicateResponse
+	31, // 34: basalt.v1.BlockService.Sync:output_type -> basalt.v1.SyncResponse
+	34, // 35: basalt.v1.BlockService.PGObjects:output_type -> basalt.v1.PGObjectsResponse
+	36, // 36: basalt.v1.BlockService.ReadObject:output_type -> basalt.v1.ReadObjectResponse
+	38, // 37: basalt.v1.BlockService.PushObject:output_type -> basalt.v1.PushObjectResponse
+	22, // 38: basalt.v1.BlockService.Scrub:output_type -> basalt.v1.ScrubResponse
+	20, // 39: basalt.v1.BlockService.HasData:output_type -> basalt.v1.HasDataResponse
+	9,  // 40: basalt.v1.BlockService.PrepareCheckpoint:output_type -> basalt.v1.PrepareCheckpointResponse
+	11, // 41: basalt.v1.BlockService.ReleaseCheckpoint:output_type -> basalt.v1.ReleaseCheckpointResponse
+	14, // 42: basalt.v1.BlockService.CheckpointUsage:output_type -> basalt.v1.CheckpointUsageResponse
+	16, // 43: basalt.v1.BlockService.VolumeChanged:output_type -> basalt.v1.VolumeChangedResponse
+	18, // 44: basalt.v1.BlockService.VolumeOpen:output_type -> basalt.v1.VolumeOpenResponse
+	6,  // 45: basalt.v1.BlockService.RevertToCheckpoint:output_type -> basalt.v1.RevertToCheckpointResponse
+	2,  // 46: basalt.v1.BlockService.FlattenClone:output_type -> basalt.v1.FlattenCloneResponse
+	4,  // 47: basalt.v1.BlockService.CopyRange:output_type -> basalt.v1.CopyRangeResponse
+	32, // [32:48] is the sub-list for method output_type
+	16, // [16:32] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_basalt_v1_blockd_proto_init() }
@@ -1405,7 +2566,7 @@ func file_basalt_v1_blockd_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_blockd_proto_rawDesc), len(file_basalt_v1_blockd_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   19,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,14 +19,22 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	BlockService_ClientOp_FullMethodName   = "/basalt.v1.BlockService/ClientOp"
-	BlockService_Replicate_FullMethodName  = "/basalt.v1.BlockService/Replicate"
-	BlockService_Sync_FullMethodName       = "/basalt.v1.BlockService/Sync"
-	BlockService_PGObjects_FullMethodName  = "/basalt.v1.BlockService/PGObjects"
-	BlockService_ReadObject_FullMethodName = "/basalt.v1.BlockService/ReadObject"
-	BlockService_PushObject_FullMethodName = "/basalt.v1.BlockService/PushObject"
-	BlockService_Scrub_FullMethodName      = "/basalt.v1.BlockService/Scrub"
-	BlockService_HasData_FullMethodName    = "/basalt.v1.BlockService/HasData"
+	BlockService_ClientOp_FullMethodName           = "/basalt.v1.BlockService/ClientOp"
+	BlockService_Replicate_FullMethodName          = "/basalt.v1.BlockService/Replicate"
+	BlockService_Sync_FullMethodName               = "/basalt.v1.BlockService/Sync"
+	BlockService_PGObjects_FullMethodName          = "/basalt.v1.BlockService/PGObjects"
+	BlockService_ReadObject_FullMethodName         = "/basalt.v1.BlockService/ReadObject"
+	BlockService_PushObject_FullMethodName         = "/basalt.v1.BlockService/PushObject"
+	BlockService_Scrub_FullMethodName              = "/basalt.v1.BlockService/Scrub"
+	BlockService_HasData_FullMethodName            = "/basalt.v1.BlockService/HasData"
+	BlockService_PrepareCheckpoint_FullMethodName  = "/basalt.v1.BlockService/PrepareCheckpoint"
+	BlockService_ReleaseCheckpoint_FullMethodName  = "/basalt.v1.BlockService/ReleaseCheckpoint"
+	BlockService_CheckpointUsage_FullMethodName    = "/basalt.v1.BlockService/CheckpointUsage"
+	BlockService_VolumeChanged_FullMethodName      = "/basalt.v1.BlockService/VolumeChanged"
+	BlockService_VolumeOpen_FullMethodName         = "/basalt.v1.BlockService/VolumeOpen"
+	BlockService_RevertToCheckpoint_FullMethodName = "/basalt.v1.BlockService/RevertToCheckpoint"
+	BlockService_FlattenClone_FullMethodName       = "/basalt.v1.BlockService/FlattenClone"
+	BlockService_CopyRange_FullMethodName          = "/basalt.v1.BlockService/CopyRange"
 )
 
 // BlockServiceClient is the client API for BlockService service.
@@ -56,6 +64,25 @@ type BlockServiceClient interface {
 	Scrub(ctx context.Context, in *ScrubRequest, opts ...grpc.CallOption) (*ScrubResponse, error)
 	// HasData reports whether this node holds data of a volume at or past a byte offset (for shrinking).
 	HasData(ctx context.Context, in *HasDataRequest, opts ...grpc.CallOption) (*HasDataResponse, error)
+	// PrepareCheckpoint holds new writes to the volumes until the checkpoint is committed or aborted, and returns
+	// once writes admitted before it have finished.
+	PrepareCheckpoint(ctx context.Context, in *PrepareCheckpointRequest, opts ...grpc.CallOption) (*PrepareCheckpointResponse, error)
+	// ReleaseCheckpoint ends a hold: the checkpoint was committed (writes now carry its number) or aborted.
+	ReleaseCheckpoint(ctx context.Context, in *ReleaseCheckpointRequest, opts ...grpc.CallOption) (*ReleaseCheckpointResponse, error)
+	// CheckpointUsage sums, over the objects this node is primary of, the bytes each checkpoint of a volume
+	// references and the bytes only it references.
+	CheckpointUsage(ctx context.Context, in *CheckpointUsageRequest, opts ...grpc.CallOption) (*CheckpointUsageResponse, error)
+	// VolumeChanged lists, through this node's gateway, the ranges of a volume changed between two checkpoints.
+	VolumeChanged(ctx context.Context, in *VolumeChangedRequest, opts ...grpc.CallOption) (*VolumeChangedResponse, error)
+	// VolumeOpen reports whether an NBD client of this node has the volume open.
+	VolumeOpen(ctx context.Context, in *VolumeOpenRequest, opts ...grpc.CallOption) (*VolumeOpenResponse, error)
+	// RevertToCheckpoint makes a volume's current content that of one of its checkpoints, through this node's
+	// gateway: what changed since the checkpoint is copied back from it. Idempotent; later checkpoints are kept.
+	RevertToCheckpoint(ctx context.Context, in *RevertToCheckpointRequest, opts ...grpc.CallOption) (*RevertToCheckpointResponse, error)
+	// FlattenClone copies, through this node's gateway, every block a linked clone still reads from its parent.
+	FlattenClone(ctx context.Context, in *FlattenCloneRequest, opts ...grpc.CallOption) (*FlattenCloneResponse, error)
+	// CopyRange copies a range of one volume (or checkpoint) onto another, through this node's gateway.
+	CopyRange(ctx context.Context, in *CopyRangeRequest, opts ...grpc.CallOption) (*CopyRangeResponse, error)
 }
 
 type blockServiceClient struct {
@@ -146,6 +173,86 @@ func (c *blockServiceClient) HasData(ctx context.Context, in *HasDataRequest, op
 	return out, nil
 }
 
+func (c *blockServiceClient) PrepareCheckpoint(ctx context.Context, in *PrepareCheckpointRequest, opts ...grpc.CallOption) (*PrepareCheckpointResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PrepareCheckpointResponse)
+	err := c.cc.Invoke(ctx, BlockService_PrepareCheckpoint_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *blockServiceClient) ReleaseCheckpoint(ctx context.Context, in *ReleaseCheckpointRequest, opts ...grpc.CallOption) (*ReleaseCheckpointResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReleaseCheckpointResponse)
+	err := c.cc.Invoke(ctx, BlockService_ReleaseCheckpoint_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *blockServiceClient) CheckpointUsage(ctx context.Context, in *CheckpointUsageRequest, opts ...grpc.CallOption) (*CheckpointUsageResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CheckpointUsageResponse)
+	err := c.cc.Invoke(ctx, BlockService_CheckpointUsage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *blockServiceClient) VolumeChanged(ctx context.Context, in *VolumeChangedRequest, opts ...grpc.CallOption) (*VolumeChangedResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumeChangedResponse)
+	err := c.cc.Invoke(ctx, BlockService_VolumeChanged_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *blockServiceClient) VolumeOpen(ctx context.Context, in *VolumeOpenRequest, opts ...grpc.CallOption) (*VolumeOpenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumeOpenResponse)
+	err := c.cc.Invoke(ctx, BlockService_VolumeOpen_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *blockServiceClient) RevertToCheckpoint(ctx context.Context, in *RevertToCheckpointRequest, opts ...grpc.CallOption) (*RevertToCheckpointResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RevertToCheckpointResponse)
+	err := c.cc.Invoke(ctx, BlockService_RevertToCheckpoint_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *blockServiceClient) FlattenClone(ctx context.Context, in *FlattenCloneRequest, opts ...grpc.CallOption) (*FlattenCloneResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FlattenCloneResponse)
+	err := c.cc.Invoke(ctx, BlockService_FlattenClone_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *blockServiceClient) CopyRange(ctx context.Context, in *CopyRangeRequest, opts ...grpc.CallOption) (*CopyRangeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CopyRangeResponse)
+	err := c.cc.Invoke(ctx, BlockService_CopyRange_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BlockServiceServer is the server API for BlockService service.
 // All implementations must embed UnimplementedBlockServiceServer
 // for forward compatibility.
@@ -173,6 +280,25 @@ type BlockServiceServer interface {
 	Scrub(context.Context, *ScrubRequest) (*ScrubResponse, error)
 	// HasData reports whether this node holds data of a volume at or past a byte offset (for shrinking).
 	HasData(context.Context, *HasDataRequest) (*HasDataResponse, error)
+	// PrepareCheckpoint holds new writes to the volumes until the checkpoint is committed or aborted, and returns
+	// once writes admitted before it have finished.
+	PrepareCheckpoint(context.Context, *PrepareCheckpointRequest) (*PrepareCheckpointResponse, error)
+	// ReleaseCheckpoint ends a hold: the checkpoint was committed (writes now carry its number) or aborted.
+	ReleaseCheckpoint(context.Context, *ReleaseCheckpointRequest) (*ReleaseCheckpointResponse, error)
+	// CheckpointUsage sums, over the objects this node is primary of, the bytes each checkpoint of a volume
+	// references and the bytes only it references.
+	CheckpointUsage(context.Context, *CheckpointUsageRequest) (*CheckpointUsageResponse, error)
+	// VolumeChanged lists, through this node's gateway, the ranges of a volume changed between two checkpoints.
+	VolumeChanged(context.Context, *VolumeChangedRequest) (*VolumeChangedResponse, error)
+	// VolumeOpen reports whether an NBD client of this node has the volume open.
+	VolumeOpen(context.Context, *VolumeOpenRequest) (*VolumeOpenResponse, error)
+	// RevertToCheckpoint makes a volume's current content that of one of its checkpoints, through this node's
+	// gateway: what changed since the checkpoint is copied back from it. Idempotent; later checkpoints are kept.
+	RevertToCheckpoint(context.Context, *RevertToCheckpointRequest) (*RevertToCheckpointResponse, error)
+	// FlattenClone copies, through this node's gateway, every block a linked clone still reads from its parent.
+	FlattenClone(context.Context, *FlattenCloneRequest) (*FlattenCloneResponse, error)
+	// CopyRange copies a range of one volume (or checkpoint) onto another, through this node's gateway.
+	CopyRange(context.Context, *CopyRangeRequest) (*CopyRangeResponse, error)
 	mustEmbedUnimplementedBlockServiceServer()
 }
 
@@ -206,6 +332,30 @@ func (UnimplementedBlockServiceServer) Scrub(context.Context, *ScrubRequest) (*S
 }
 func (UnimplementedBlockServiceServer) HasData(context.Context, *HasDataRequest) (*HasDataResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method HasData not implemented")
+}
+func (UnimplementedBlockServiceServer) PrepareCheckpoint(context.Context, *PrepareCheckpointRequest) (*PrepareCheckpointResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PrepareCheckpoint not implemented")
+}
+func (UnimplementedBlockServiceServer) ReleaseCheckpoint(context.Context, *ReleaseCheckpointRequest) (*ReleaseCheckpointResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReleaseCheckpoint not implemented")
+}
+func (UnimplementedBlockServiceServer) CheckpointUsage(context.Context, *CheckpointUsageRequest) (*CheckpointUsageResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CheckpointUsage not implemented")
+}
+func (UnimplementedBlockServiceServer) VolumeChanged(context.Context, *VolumeChangedRequest) (*VolumeChangedResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method VolumeChanged not implemented")
+}
+func (UnimplementedBlockServiceServer) VolumeOpen(context.Context, *VolumeOpenRequest) (*VolumeOpenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method VolumeOpen not implemented")
+}
+func (UnimplementedBlockServiceServer) RevertToCheckpoint(context.Context, *RevertToCheckpointRequest) (*RevertToCheckpointResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevertToCheckpoint not implemented")
+}
+func (UnimplementedBlockServiceServer) FlattenClone(context.Context, *FlattenCloneRequest) (*FlattenCloneResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method FlattenClone not implemented")
+}
+func (UnimplementedBlockServiceServer) CopyRange(context.Context, *CopyRangeRequest) (*CopyRangeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CopyRange not implemented")
 }
 func (UnimplementedBlockServiceServer) mustEmbedUnimplementedBlockServiceServer() {}
 func (UnimplementedBlockServiceServer) testEmbeddedByValue()                      {}
@@ -372,6 +522,150 @@ func _BlockService_HasData_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BlockService_PrepareCheckpoint_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PrepareCheckpointRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BlockServiceServer).PrepareCheckpoint(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BlockService_PrepareCheckpoint_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BlockServiceServer).PrepareCheckpoint(ctx, req.(*PrepareCheckpointRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BlockService_ReleaseCheckpoint_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReleaseCheckpointRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BlockServiceServer).ReleaseCheckpoint(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BlockService_ReleaseCheckpoint_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BlockServiceServer).ReleaseCheckpoint(ctx, req.(*ReleaseCheckpointRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BlockService_CheckpointUsage_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CheckpointUsageRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BlockServiceServer).CheckpointUsage(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BlockService_CheckpointUsage_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BlockServiceServer).CheckpointUsage(ctx, req.(*CheckpointUsageRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BlockService_VolumeChanged_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumeChangedRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BlockServiceServer).VolumeChanged(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BlockService_VolumeChanged_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BlockServiceServer).VolumeChanged(ctx, req.(*VolumeChangedRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BlockService_VolumeOpen_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumeOpenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BlockServiceServer).VolumeOpen(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BlockService_VolumeOpen_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BlockServiceServer).VolumeOpen(ctx, req.(*VolumeOpenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BlockService_RevertToCheckpoint_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevertToCheckpointRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BlockServiceServer).RevertToCheckpoint(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BlockService_RevertToCheckpoint_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BlockServiceServer).RevertToCheckpoint(ctx, req.(*RevertToCheckpointRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BlockService_FlattenClone_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FlattenCloneRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BlockServiceServer).FlattenClone(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BlockService_FlattenClone_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BlockServiceServer).FlattenClone(ctx, req.(*FlattenCloneRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BlockService_CopyRange_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CopyRangeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BlockServiceServer).CopyRange(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BlockService_CopyRange_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BlockServiceServer).CopyRange(ctx, req.(*CopyRangeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // BlockService_ServiceDesc is the grpc.ServiceDesc for BlockService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -410,6 +704,38 @@ var BlockService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "HasData",
 			Handler:    _BlockService_HasData_Handler,
+		},
+		{
+			MethodName: "PrepareCheckpoint",
+			Handler:    _BlockService_PrepareCheckpoint_Handler,
+		},
+		{
+			MethodName: "ReleaseCheckpoint",
+			Handler:    _BlockService_ReleaseCheckpoint_Handler,
+		},
+		{
+			MethodName: "CheckpointUsage",
+			Handler:    _BlockService_CheckpointUsage_Handler,
+		},
+		{
+			MethodName: "VolumeChanged",
+			Handler:    _BlockService_VolumeChanged_Handler,
+		},
+		{
+			MethodName: "VolumeOpen",
+			Handler:    _BlockService_VolumeOpen_Handler,
+		},
+		{
+			MethodName: "RevertToCheckpoint",
+			Handler:    _BlockService_RevertToCheckpoint_Handler,
+		},
+		{
+			MethodName: "FlattenClone",
+			Handler:    _BlockService_FlattenClone_Handler,
+		},
+		{
+			MethodName: "CopyRange",
+			Handler:    _BlockService_CopyRange_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -22,6 +22,270 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// PendingCheckpoint is a checkpoint being taken: every blockd holds new writes to the volume until it is
+// committed (the volume's checkpoint_seq reaches id) or aborted (the record goes away), so that every write is
+// either in the checkpoint or after it, on every node, in one order.
+type PendingCheckpoint struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name  string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// Identifies the attempt; an abort removes only its own attempt.
+	Token         string                 `protobuf:"bytes,3,opt,name=token,proto3" json:"token,omitempty"`
+	Deadline      *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=deadline,proto3" json:"deadline,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PendingCheckpoint) Reset() {
+	*x = PendingCheckpoint{}
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PendingCheckpoint) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PendingCheckpoint) ProtoMessage() {}
+
+func (x *PendingCheckpoint) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PendingCheckpoint.ProtoReflect.Descriptor instead.
+func (*PendingCheckpoint) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *PendingCheckpoint) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *PendingCheckpoint) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *PendingCheckpoint) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *PendingCheckpoint) GetDeadline() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Deadline
+	}
+	return nil
+}
+
+type GetChangedExtentsRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	// Changes made after this checkpoint; empty means since the volume was created.
+	From string `protobuf:"bytes,2,opt,name=from,proto3" json:"from,omitempty"`
+	// ... and before this one; empty means up to now.
+	To     string `protobuf:"bytes,3,opt,name=to,proto3" json:"to,omitempty"`
+	Offset uint64 `protobuf:"varint,4,opt,name=offset,proto3" json:"offset,omitempty"`
+	// 0 means to the end of the volume.
+	Length        uint64 `protobuf:"varint,5,opt,name=length,proto3" json:"length,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetChangedExtentsRequest) Reset() {
+	*x = GetChangedExtentsRequest{}
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetChangedExtentsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetChangedExtentsRequest) ProtoMessage() {}
+
+func (x *GetChangedExtentsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetChangedExtentsRequest.ProtoReflect.Descriptor instead.
+func (*GetChangedExtentsRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *GetChangedExtentsRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *GetChangedExtentsRequest) GetFrom() string {
+	if x != nil {
+		return x.From
+	}
+	return ""
+}
+
+func (x *GetChangedExtentsRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *GetChangedExtentsRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *GetChangedExtentsRequest) GetLength() uint64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+type ChangedExtent struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Offset uint64                 `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length uint64                 `protobuf:"varint,2,opt,name=length,proto3" json:"length,omitempty"`
+	// The change was a trim: the range reads as zeros.
+	Zero          bool `protobuf:"varint,3,opt,name=zero,proto3" json:"zero,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChangedExtent) Reset() {
+	*x = ChangedExtent{}
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChangedExtent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChangedExtent) ProtoMessage() {}
+
+func (x *ChangedExtent) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChangedExtent.ProtoReflect.Descriptor instead.
+func (*ChangedExtent) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ChangedExtent) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *ChangedExtent) GetLength() uint64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+func (x *ChangedExtent) GetZero() bool {
+	if x != nil {
+		return x.Zero
+	}
+	return false
+}
+
+type GetChangedExtentsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Extents       []*ChangedExtent       `protobuf:"bytes,1,rep,name=extents,proto3" json:"extents,omitempty"`
+	ChangedBytes  uint64                 `protobuf:"varint,2,opt,name=changed_bytes,json=changedBytes,proto3" json:"changed_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetChangedExtentsResponse) Reset() {
+	*x = GetChangedExtentsResponse{}
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetChangedExtentsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetChangedExtentsResponse) ProtoMessage() {}
+
+func (x *GetChangedExtentsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetChangedExtentsResponse.ProtoReflect.Descriptor instead.
+func (*GetChangedExtentsResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *GetChangedExtentsResponse) GetExtents() []*ChangedExtent {
+	if x != nil {
+		return x.Extents
+	}
+	return nil
+}
+
+func (x *GetChangedExtentsResponse) GetChangedBytes() uint64 {
+	if x != nil {
+		return x.ChangedBytes
+	}
+	return 0
+}
+
 type Checkpoint struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Volume    string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
@@ -29,15 +293,21 @@ type Checkpoint struct {
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// Bytes referenced only by this checkpoint.
 	ExclusiveBytes uint64 `protobuf:"varint,4,opt,name=exclusive_bytes,json=exclusiveBytes,proto3" json:"exclusive_bytes,omitempty"`
-	// Bytes this checkpoint shares with its neighbours.
-	SharedBytes   uint64 `protobuf:"varint,5,opt,name=shared_bytes,json=sharedBytes,proto3" json:"shared_bytes,omitempty"`
+	// Bytes this checkpoint shares with its neighbours or the volume's current content.
+	SharedBytes uint64 `protobuf:"varint,5,opt,name=shared_bytes,json=sharedBytes,proto3" json:"shared_bytes,omitempty"`
+	// Number of the checkpoint within its volume (1, 2, ...; never reused). Writes made after it carry it.
+	Id uint32 `protobuf:"varint,6,opt,name=id,proto3" json:"id,omitempty"`
+	// The volume's size when the checkpoint was taken.
+	SizeBytes uint64 `protobuf:"varint,7,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	// Volumes checkpointed at the same instant with this one (a consistency group), this one included.
+	Group         []string `protobuf:"bytes,8,rep,name=group,proto3" json:"group,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Checkpoint) Reset() {
 	*x = Checkpoint{}
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[0]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -49,7 +319,7 @@ func (x *Checkpoint) String() string {
 func (*Checkpoint) ProtoMessage() {}
 
 func (x *Checkpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[0]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -62,7 +332,7 @@ func (x *Checkpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Checkpoint.ProtoReflect.Descriptor instead.
 func (*Checkpoint) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{0}
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Checkpoint) GetVolume() string {
@@ -100,6 +370,27 @@ func (x *Checkpoint) GetSharedBytes() uint64 {
 	return 0
 }
 
+func (x *Checkpoint) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Checkpoint) GetSizeBytes() uint64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
+func (x *Checkpoint) GetGroup() []string {
+	if x != nil {
+		return x.Group
+	}
+	return nil
+}
+
 type CreateCheckpointRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The checkpoint's name, the same in every volume of the group.
@@ -111,7 +402,7 @@ type CreateCheckpointRequest struct {
 
 func (x *CreateCheckpointRequest) Reset() {
 	*x = CreateCheckpointRequest{}
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[1]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -123,7 +414,7 @@ func (x *CreateCheckpointRequest) String() string {
 func (*CreateCheckpointRequest) ProtoMessage() {}
 
 func (x *CreateCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[1]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -136,7 +427,7 @@ func (x *CreateCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*CreateCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{1}
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateCheckpointRequest) GetName() string {
@@ -162,7 +453,7 @@ type CreateCheckpointResponse struct {
 
 func (x *CreateCheckpointResponse) Reset() {
 	*x = CreateCheckpointResponse{}
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[2]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -174,7 +465,7 @@ func (x *CreateCheckpointResponse) String() string {
 func (*CreateCheckpointResponse) ProtoMessage() {}
 
 func (x *CreateCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[2]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -187,7 +478,7 @@ func (x *CreateCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*CreateCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{2}
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CreateCheckpointResponse) GetCheckpoints() []*Checkpoint {
@@ -206,7 +497,7 @@ type ListCheckpointsRequest struct {
 
 func (x *ListCheckpointsRequest) Reset() {
 	*x = ListCheckpointsRequest{}
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[3]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -218,7 +509,7 @@ func (x *ListCheckpointsRequest) String() string {
 func (*ListCheckpointsRequest) ProtoMessage() {}
 
 func (x *ListCheckpointsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[3]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -231,7 +522,7 @@ func (x *ListCheckpointsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCheckpointsRequest.ProtoReflect.Descriptor instead.
 func (*ListCheckpointsRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{3}
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ListCheckpointsRequest) GetVolume() string {
@@ -250,7 +541,7 @@ type ListCheckpointsResponse struct {
 
 func (x *ListCheckpointsResponse) Reset() {
 	*x = ListCheckpointsResponse{}
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[4]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -262,7 +553,7 @@ func (x *ListCheckpointsResponse) String() string {
 func (*ListCheckpointsResponse) ProtoMessage() {}
 
 func (x *ListCheckpointsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[4]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -275,7 +566,7 @@ func (x *ListCheckpointsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCheckpointsResponse.ProtoReflect.Descriptor instead.
 func (*ListCheckpointsResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{4}
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListCheckpointsResponse) GetCheckpoints() []*Checkpoint {
@@ -295,7 +586,7 @@ type DeleteCheckpointRequest struct {
 
 func (x *DeleteCheckpointRequest) Reset() {
 	*x = DeleteCheckpointRequest{}
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[5]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -307,7 +598,7 @@ func (x *DeleteCheckpointRequest) String() string {
 func (*DeleteCheckpointRequest) ProtoMessage() {}
 
 func (x *DeleteCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[5]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -320,7 +611,7 @@ func (x *DeleteCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*DeleteCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{5}
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DeleteCheckpointRequest) GetVolume() string {
@@ -345,7 +636,7 @@ type DeleteCheckpointResponse struct {
 
 func (x *DeleteCheckpointResponse) Reset() {
 	*x = DeleteCheckpointResponse{}
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[6]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -357,7 +648,7 @@ func (x *DeleteCheckpointResponse) String() string {
 func (*DeleteCheckpointResponse) ProtoMessage() {}
 
 func (x *DeleteCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[6]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -370,7 +661,7 @@ func (x *DeleteCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*DeleteCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{6}
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{10}
 }
 
 type RevertVolumeRequest struct {
@@ -383,7 +674,7 @@ type RevertVolumeRequest struct {
 
 func (x *RevertVolumeRequest) Reset() {
 	*x = RevertVolumeRequest{}
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[7]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -395,7 +686,7 @@ func (x *RevertVolumeRequest) String() string {
 func (*RevertVolumeRequest) ProtoMessage() {}
 
 func (x *RevertVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[7]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -408,7 +699,7 @@ func (x *RevertVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertVolumeRequest.ProtoReflect.Descriptor instead.
 func (*RevertVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{7}
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RevertVolumeRequest) GetVolume() string {
@@ -433,7 +724,7 @@ type RevertVolumeResponse struct {
 
 func (x *RevertVolumeResponse) Reset() {
 	*x = RevertVolumeResponse{}
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[8]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -445,7 +736,7 @@ func (x *RevertVolumeResponse) String() string {
 func (*RevertVolumeResponse) ProtoMessage() {}
 
 func (x *RevertVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_checkpoint_proto_msgTypes[8]
+	mi := &file_basalt_v1_checkpoint_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -458,14 +749,32 @@ func (x *RevertVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevertVolumeResponse.ProtoReflect.Descriptor instead.
 func (*RevertVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{8}
+	return file_basalt_v1_checkpoint_proto_rawDescGZIP(), []int{12}
 }
 
 var File_basalt_v1_checkpoint_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_checkpoint_proto_rawDesc = "" +
 	"\n" +
-	"\x1abasalt/v1/checkpoint.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x01\n" +
+	"\x1abasalt/v1/checkpoint.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x01\n" +
+	"\x11PendingCheckpoint\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n" +
+	"\x05token\x18\x03 \x01(\tR\x05token\x126\n" +
+	"\bdeadline\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\bdeadline\"\x86\x01\n" +
+	"\x18GetChangedExtentsRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
+	"\x04from\x18\x02 \x01(\tR\x04from\x12\x0e\n" +
+	"\x02to\x18\x03 \x01(\tR\x02to\x12\x16\n" +
+	"\x06offset\x18\x04 \x01(\x04R\x06offset\x12\x16\n" +
+	"\x06length\x18\x05 \x01(\x04R\x06length\"S\n" +
+	"\rChangedExtent\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x16\n" +
+	"\x06length\x18\x02 \x01(\x04R\x06length\x12\x12\n" +
+	"\x04zero\x18\x03 \x01(\bR\x04zero\"t\n" +
+	"\x19GetChangedExtentsResponse\x122\n" +
+	"\aextents\x18\x01 \x03(\v2\x18.basalt.v1.ChangedExtentR\aextents\x12#\n" +
+	"\rchanged_bytes\x18\x02 \x01(\x04R\fchangedBytes\"\x84\x02\n" +
 	"\n" +
 	"Checkpoint\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
@@ -473,7 +782,11 @@ const file_basalt_v1_checkpoint_proto_rawDesc = "" +
 	"\n" +
 	"created_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12'\n" +
 	"\x0fexclusive_bytes\x18\x04 \x01(\x04R\x0eexclusiveBytes\x12!\n" +
-	"\fshared_bytes\x18\x05 \x01(\x04R\vsharedBytes\"G\n" +
+	"\fshared_bytes\x18\x05 \x01(\x04R\vsharedBytes\x12\x0e\n" +
+	"\x02id\x18\x06 \x01(\rR\x02id\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\a \x01(\x04R\tsizeBytes\x12\x14\n" +
+	"\x05group\x18\b \x03(\tR\x05group\"G\n" +
 	"\x17CreateCheckpointRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\avolumes\x18\x02 \x03(\tR\avolumes\"S\n" +
@@ -492,12 +805,13 @@ const file_basalt_v1_checkpoint_proto_rawDesc = "" +
 	"\n" +
 	"checkpoint\x18\x02 \x01(\tR\n" +
 	"checkpoint\"\x16\n" +
-	"\x14RevertVolumeResponse2\xf8\x02\n" +
+	"\x14RevertVolumeResponse2\xd8\x03\n" +
 	"\x11CheckpointService\x12[\n" +
 	"\x10CreateCheckpoint\x12\".basalt.v1.CreateCheckpointRequest\x1a#.basalt.v1.CreateCheckpointResponse\x12X\n" +
 	"\x0fListCheckpoints\x12!.basalt.v1.ListCheckpointsRequest\x1a\".basalt.v1.ListCheckpointsResponse\x12[\n" +
 	"\x10DeleteCheckpoint\x12\".basalt.v1.DeleteCheckpointRequest\x1a#.basalt.v1.DeleteCheckpointResponse\x12O\n" +
-	"\fRevertVolume\x12\x1e.basalt.v1.RevertVolumeRequest\x1a\x1f.basalt.v1.RevertVolumeResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
+	"\fRevertVolume\x12\x1e.basalt.v1.RevertVolumeRequest\x1a\x1f.basalt.v1.RevertVolumeResponse\x12^\n" +
+	"\x11GetChangedExtents\x12#.basalt.v1.GetChangedExtentsRequest\x1a$.basalt.v1.GetChangedExtentsResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
 
 var (
 	file_basalt_v1_checkpoint_proto_rawDescOnce sync.Once
@@ -511,36 +825,44 @@ func file_basalt_v1_checkpoint_proto_rawDescGZIP() []byte {
 	return file_basalt_v1_checkpoint_proto_rawDescData
 }
 
-var file_basalt_v1_checkpoint_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_basalt_v1_checkpoint_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_basalt_v1_checkpoint_proto_goTypes = []any{
-	(*Checkpoint)(nil),               // 0: basalt.v1.Checkpoint
-	(*CreateCheckpointRequest)(nil),  // 1: basalt.v1.CreateCheckpointRequest
-	(*CreateCheckpointResponse)(nil), // 2: basalt.v1.CreateCheckpointResponse
-	(*ListCheckpointsRequest)(nil),   // 3: basalt.v1.ListCheckpointsRequest
-	(*ListCheckpointsResponse)(nil),  // 4: basalt.v1.ListCheckpointsResponse
-	(*DeleteCheckpointRequest)(nil),  // 5: basalt.v1.DeleteCheckpointRequest
-	(*DeleteCheckpointResponse)(nil), // 6: basalt.v1.DeleteCheckpointResponse
-	(*RevertVolumeRequest)(nil),      // 7: basalt.v1.RevertVolumeRequest
-	(*RevertVolumeResponse)(nil),     // 8: basalt.v1.RevertVolumeResponse
-	(*timestamppb.Timestamp)(nil),    // 9: google.protobuf.Timestamp
+	(*PendingCheckpoint)(nil),         // 0: basalt.v1.PendingCheckpoint
+	(*GetChangedExtentsRequest)(nil),  // 1: basalt.v1.GetChangedExtentsRequest
+	(*ChangedExtent)(nil),             // 2: basalt.v1.ChangedExtent
+	(*GetChangedExtentsResponse)(nil), // 3: basalt.v1.GetChangedExtentsResponse
+	(*Checkpoint)(nil),                // 4: basalt.v1.Checkpoint
+	(*CreateCheckpointRequest)(nil),   // 5: basalt.v1.CreateCheckpointRequest
+	(*CreateCheckpointResponse)(nil),  // 6: basalt.v1.CreateCheckpointResponse
+	(*ListCheckpointsRequest)(nil),    // 7: basalt.v1.ListCheckpointsRequest
+	(*ListCheckpointsResponse)(nil),   // 8: basalt.v1.ListCheckpointsResponse
+	(*DeleteCheckpointRequest)(nil),   // 9: basalt.v1.DeleteCheckpointRequest
+	(*DeleteCheckpointResponse)(nil),  // 10: basalt.v1.DeleteCheckpointResponse
+	(*RevertVolumeRequest)(nil),       // 11: basalt.v1.RevertVolumeRequest
+	(*RevertVolumeResponse)(nil),      // 12: basalt.v1.RevertVolumeResponse
+	(*timestamppb.Timestamp)(nil),     // 13: google.protobuf.Timestamp
 }
 var file_basalt_v1_checkpoint_proto_depIdxs = []int32{
-	9, // 0: basalt.v1.Checkpoint.created_at:type_name -> google.protobuf.Timestamp
-	0, // 1: basalt.v1.CreateCheckpointResponse.checkpoints:type_name -> basalt.v1.Checkpoint
-	0, // 2: basalt.v1.ListCheckpointsResponse.checkpoints:type_name -> basalt.v1.Checkpoint
-	1, // 3: basalt.v1.CheckpointService.CreateCheckpoint:input_type -> basalt.v1.CreateCheckpointRequest
-	3, // 4: basalt.v1.CheckpointService.ListCheckpoints:input_type -> basalt.v1.ListCheckpointsRequest
-	5, // 5: basalt.v1.CheckpointService.DeleteCheckpoint:input_type -> basalt.v1.DeleteCheckpointRequest
-	7, // 6: basalt.v1.CheckpointService.RevertVolume:input_type -> basalt.v1.RevertVolumeRequest
-	2, // 7: basalt.v1.CheckpointService.CreateCheckpoint:output_type -> basalt.v1.CreateCheckpointResponse
-	4, // 8: basalt.v1.CheckpointService.ListCheckpoints:output_type -> basalt.v1.ListCheckpointsResponse
-	6, // 9: basalt.v1.CheckpointService.DeleteCheckpoint:output_type -> basalt.v1.DeleteCheckpointResponse
-	8, // 10: basalt.v1.CheckpointService.RevertVolume:output_type -> basalt.v1.RevertVolumeResponse
-	7, // [7:11] is the sub-list for method output_type
-	3, // [3:7] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	13, // 0: basalt.v1.PendingCheckpoint.deadline:type_name -> google.protobuf.Timestamp
+	2,  // 1: basalt.v1.GetChangedExtentsResponse.extents:type_name -> basalt.v1.ChangedExtent
+	13, // 2: basalt.v1.Checkpoint.created_at:type_name -> google.protobuf.Timestamp
+	4,  // 3: basalt.v1.CreateCheckpointResponse.checkpoints:type_name -> basalt.v1.Checkpoint
+	4,  // 4: basalt.v1.ListCheckpointsResponse.checkpoints:type_name -> basalt.v1.Checkpoint
+	5,  // 5: basalt.v1.CheckpointService.CreateCheckpoint:input_type -> basalt.v1.CreateCheckpointRequest
+	7,  // 6: basalt.v1.CheckpointService.ListCheckpoints:input_type -> basalt.v1.ListCheckpointsRequest
+	9,  // 7: basalt.v1.CheckpointService.DeleteCheckpoint:input_type -> basalt.v1.DeleteCheckpointRequest
+	11, // 8: basalt.v1.CheckpointService.RevertVolume:input_type -> basalt.v1.RevertVolumeRequest
+	1,  // 9: basalt.v1.CheckpointService.GetChangedExtents:input_type -> basalt.v1.GetChangedExtentsRequest
+	6,  // 10: basalt.v1.CheckpointService.CreateCheckpoint:output_type -> basalt.v1.CreateCheckpointResponse
+	8,  // 11: basalt.v1.CheckpointService.ListCheckpoints:output_type -> basalt.v1.ListCheckpointsResponse
+	10, // 12: basalt.v1.CheckpointService.DeleteCheckpoint:output_type -> basalt.v1.DeleteCheckpointResponse
+	12, // 13: basalt.v1.CheckpointService.RevertVolume:output_type -> basalt.v1.RevertVolumeResponse
+	3,  // 14: basalt.v1.CheckpointService.GetChangedExtents:output_type -> basalt.v1.GetChangedExtentsResponse
+	10, // [10:15] is the sub-list for method output_type
+	5,  // [5:10] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_basalt_v1_checkpoint_proto_init() }
@@ -554,7 +876,7 @@ func file_basalt_v1_checkpoint_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_checkpoint_proto_rawDesc), len(file_basalt_v1_checkpoint_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,10 +19,11 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	CheckpointService_CreateCheckpoint_FullMethodName = "/basalt.v1.CheckpointService/CreateCheckpoint"
-	CheckpointService_ListCheckpoints_FullMethodName  = "/basalt.v1.CheckpointService/ListCheckpoints"
-	CheckpointService_DeleteCheckpoint_FullMethodName = "/basalt.v1.CheckpointService/DeleteCheckpoint"
-	CheckpointService_RevertVolume_FullMethodName     = "/basalt.v1.CheckpointService/RevertVolume"
+	CheckpointService_CreateCheckpoint_FullMethodName  = "/basalt.v1.CheckpointService/CreateCheckpoint"
+	CheckpointService_ListCheckpoints_FullMethodName   = "/basalt.v1.CheckpointService/ListCheckpoints"
+	CheckpointService_DeleteCheckpoint_FullMethodName  = "/basalt.v1.CheckpointService/DeleteCheckpoint"
+	CheckpointService_RevertVolume_FullMethodName      = "/basalt.v1.CheckpointService/RevertVolume"
+	CheckpointService_GetChangedExtents_FullMethodName = "/basalt.v1.CheckpointService/GetChangedExtents"
 )
 
 // CheckpointServiceClient is the client API for CheckpointService service.
@@ -37,8 +38,11 @@ type CheckpointServiceClient interface {
 	ListCheckpoints(ctx context.Context, in *ListCheckpointsRequest, opts ...grpc.CallOption) (*ListCheckpointsResponse, error)
 	// DeleteCheckpoint merges the checkpoint's blocks into its neighbour while the volume stays online.
 	DeleteCheckpoint(ctx context.Context, in *DeleteCheckpointRequest, opts ...grpc.CallOption) (*DeleteCheckpointResponse, error)
-	// RevertVolume rolls a detached volume back to a checkpoint.
+	// RevertVolume rolls a detached volume back to a checkpoint. Later checkpoints are kept.
 	RevertVolume(ctx context.Context, in *RevertVolumeRequest, opts ...grpc.CallOption) (*RevertVolumeResponse, error)
+	// GetChangedExtents lists the ranges of a volume written or trimmed between two checkpoints (or since one),
+	// at 4 KiB granularity, within [offset, offset+length).
+	GetChangedExtents(ctx context.Context, in *GetChangedExtentsRequest, opts ...grpc.CallOption) (*GetChangedExtentsResponse, error)
 }
 
 type checkpointServiceClient struct {
@@ -89,6 +93,16 @@ func (c *checkpointServiceClient) RevertVolume(ctx context.Context, in *RevertVo
 	return out, nil
 }
 
+func (c *checkpointServiceClient) GetChangedExtents(ctx context.Context, in *GetChangedExtentsRequest, opts ...grpc.CallOption) (*GetChangedExtentsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetChangedExtentsResponse)
+	err := c.cc.Invoke(ctx, CheckpointService_GetChangedExtents_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CheckpointServiceServer is the server API for CheckpointService service.
 // All implementations must embed UnimplementedCheckpointServiceServer
 // for forward compatibility.
@@ -101,8 +115,11 @@ type CheckpointServiceServer interface {
 	ListCheckpoints(context.Context, *ListCheckpointsRequest) (*ListCheckpointsResponse, error)
 	// DeleteCheckpoint merges the checkpoint's blocks into its neighbour while the volume stays online.
 	DeleteCheckpoint(context.Context, *DeleteCheckpointRequest) (*DeleteCheckpointResponse, error)
-	// RevertVolume rolls a detached volume back to a checkpoint.
+	// RevertVolume rolls a detached volume back to a checkpoint. Later checkpoints are kept.
 	RevertVolume(context.Context, *RevertVolumeRequest) (*RevertVolumeResponse, error)
+	// GetChangedExtents lists the ranges of a volume written or trimmed between two checkpoints (or since one),
+	// at 4 KiB granularity, within [offset, offset+length).
+	GetChangedExtents(context.Context, *GetChangedExtentsRequest) (*GetChangedExtentsResponse, error)
 	mustEmbedUnimplementedCheckpointServiceServer()
 }
 
@@ -124,6 +141,9 @@ func (UnimplementedCheckpointServiceServer) DeleteCheckpoint(context.Context, *D
 }
 func (UnimplementedCheckpointServiceServer) RevertVolume(context.Context, *RevertVolumeRequest) (*RevertVolumeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RevertVolume not implemented")
+}
+func (UnimplementedCheckpointServiceServer) GetChangedExtents(context.Context, *GetChangedExtentsRequest) (*GetChangedExtentsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetChangedExtents not implemented")
 }
 func (UnimplementedCheckpointServiceServer) mustEmbedUnimplementedCheckpointServiceServer() {}
 func (UnimplementedCheckpointServiceServer) testEmbeddedByValue()                           {}
@@ -218,6 +238,24 @@ func _CheckpointService_RevertVolume_Handler(srv interface{}, ctx context.Contex
 	return interceptor(ctx, in, info, handler)
 }
 
+func _CheckpointService_GetChangedExtents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetChangedExtentsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CheckpointServiceServer).GetChangedExtents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CheckpointService_GetChangedExtents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CheckpointServiceServer).GetChangedExtents(ctx, req.(*GetChangedExtentsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // CheckpointService_ServiceDesc is the grpc.ServiceDesc for CheckpointService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -240,6 +278,10 @@ var CheckpointService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RevertVolume",
 			Handler:    _CheckpointService_RevertVolume_Handler,
+		},
+		{
+			MethodName: "GetChangedExtents",
+			Handler:    _CheckpointService_GetChangedExtents_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

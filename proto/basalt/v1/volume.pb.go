@@ -22,6 +22,190 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type FlattenVolumeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FlattenVolumeRequest) Reset() {
+	*x = FlattenVolumeRequest{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FlattenVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FlattenVolumeRequest) ProtoMessage() {}
+
+func (x *FlattenVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FlattenVolumeRequest.ProtoReflect.Descriptor instead.
+func (*FlattenVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *FlattenVolumeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type CopyVolumeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "VOLUME" or "VOLUME@CHECKPOINT".
+	Source      string `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	Destination string `protobuf:"bytes,2,opt,name=destination,proto3" json:"destination,omitempty"`
+	// Create the destination as a full copy of the source (the destination must not exist). Without it, copy
+	// [source_offset, +length) of the source onto [destination_offset, ...) of an existing destination.
+	Create            bool   `protobuf:"varint,3,opt,name=create,proto3" json:"create,omitempty"`
+	SourceOffset      uint64 `protobuf:"varint,4,opt,name=source_offset,json=sourceOffset,proto3" json:"source_offset,omitempty"`
+	DestinationOffset uint64 `protobuf:"varint,5,opt,name=destination_offset,json=destinationOffset,proto3" json:"destination_offset,omitempty"`
+	Length            uint64 `protobuf:"varint,6,opt,name=length,proto3" json:"length,omitempty"`
+	// Pool of a created destination; empty means the source's.
+	Pool          string `protobuf:"bytes,7,opt,name=pool,proto3" json:"pool,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopyVolumeRequest) Reset() {
+	*x = CopyVolumeRequest{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyVolumeRequest) ProtoMessage() {}
+
+func (x *CopyVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyVolumeRequest.ProtoReflect.Descriptor instead.
+func (*CopyVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *CopyVolumeRequest) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *CopyVolumeRequest) GetDestination() string {
+	if x != nil {
+		return x.Destination
+	}
+	return ""
+}
+
+func (x *CopyVolumeRequest) GetCreate() bool {
+	if x != nil {
+		return x.Create
+	}
+	return false
+}
+
+func (x *CopyVolumeRequest) GetSourceOffset() uint64 {
+	if x != nil {
+		return x.SourceOffset
+	}
+	return 0
+}
+
+func (x *CopyVolumeRequest) GetDestinationOffset() uint64 {
+	if x != nil {
+		return x.DestinationOffset
+	}
+	return 0
+}
+
+func (x *CopyVolumeRequest) GetLength() uint64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+func (x *CopyVolumeRequest) GetPool() string {
+	if x != nil {
+		return x.Pool
+	}
+	return ""
+}
+
+type CopyVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	BytesCopied   uint64                 `protobuf:"varint,1,opt,name=bytes_copied,json=bytesCopied,proto3" json:"bytes_copied,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopyVolumeResponse) Reset() {
+	*x = CopyVolumeResponse{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyVolumeResponse) ProtoMessage() {}
+
+func (x *CopyVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyVolumeResponse.ProtoReflect.Descriptor instead.
+func (*CopyVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *CopyVolumeResponse) GetBytesCopied() uint64 {
+	if x != nil {
+		return x.BytesCopied
+	}
+	return 0
+}
+
 type Volume struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -36,15 +220,25 @@ type Volume struct {
 	// Revision of the volume's record; pass it back to make an update conditional.
 	Revision int64 `protobuf:"varint,7,opt,name=revision,proto3" json:"revision,omitempty"`
 	// Cluster-unique number naming the volume's objects on disk; never reused.
-	Id            uint64 `protobuf:"varint,8,opt,name=id,proto3" json:"id,omitempty"`
-	Pool          string `protobuf:"bytes,9,opt,name=pool,proto3" json:"pool,omitempty"`
+	Id   uint64 `protobuf:"varint,8,opt,name=id,proto3" json:"id,omitempty"`
+	Pool string `protobuf:"bytes,9,opt,name=pool,proto3" json:"pool,omitempty"`
+	// Number of the newest checkpoint (0: none). Every write carries it, and so lands in the layer above it.
+	CheckpointSeq uint32 `protobuf:"varint,10,opt,name=checkpoint_seq,json=checkpointSeq,proto3" json:"checkpoint_seq,omitempty"`
+	// Live checkpoints, oldest first.
+	Checkpoints []*Checkpoint `protobuf:"bytes,11,rep,name=checkpoints,proto3" json:"checkpoints,omitempty"`
+	// Checkpoints deleted: every blockd merges their layers into the layer below, at its own pace.
+	DeletedCheckpoints []uint32 `protobuf:"varint,12,rep,packed,name=deleted_checkpoints,json=deletedCheckpoints,proto3" json:"deleted_checkpoints,omitempty"`
+	// A checkpoint being taken, if any.
+	PendingCheckpoint *PendingCheckpoint `protobuf:"bytes,13,opt,name=pending_checkpoint,json=pendingCheckpoint,proto3" json:"pending_checkpoint,omitempty"`
+	// A linked clone's parent: what the clone reads where it has not written. Cleared by flattening.
+	Parent        *VolumeParent `protobuf:"bytes,14,opt,name=parent,proto3" json:"parent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[0]
+	mi := &file_basalt_v1_volume_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -56,7 +250,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[0]
+	mi := &file_basalt_v1_volume_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -69,7 +263,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{0}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Volume) GetName() string {
@@ -135,6 +329,119 @@ func (x *Volume) GetPool() string {
 	return ""
 }
 
+func (x *Volume) GetCheckpointSeq() uint32 {
+	if x != nil {
+		return x.CheckpointSeq
+	}
+	return 0
+}
+
+func (x *Volume) GetCheckpoints() []*Checkpoint {
+	if x != nil {
+		return x.Checkpoints
+	}
+	return nil
+}
+
+func (x *Volume) GetDeletedCheckpoints() []uint32 {
+	if x != nil {
+		return x.DeletedCheckpoints
+	}
+	return nil
+}
+
+func (x *Volume) GetPendingCheckpoint() *PendingCheckpoint {
+	if x != nil {
+		return x.PendingCheckpoint
+	}
+	return nil
+}
+
+func (x *Volume) GetParent() *VolumeParent {
+	if x != nil {
+		return x.Parent
+	}
+	return nil
+}
+
+// VolumeParent is the checkpoint a linked clone was created from.
+type VolumeParent struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Volume       string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	VolumeId     uint64                 `protobuf:"varint,2,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
+	Checkpoint   string                 `protobuf:"bytes,3,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	CheckpointId uint32                 `protobuf:"varint,4,opt,name=checkpoint_id,json=checkpointId,proto3" json:"checkpoint_id,omitempty"`
+	// The parent's size at the checkpoint: the clone reads zeros past it.
+	SizeBytes     uint64 `protobuf:"varint,5,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeParent) Reset() {
+	*x = VolumeParent{}
+	mi := &file_basalt_v1_volume_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeParent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeParent) ProtoMessage() {}
+
+func (x *VolumeParent) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_volume_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeParent.ProtoReflect.Descriptor instead.
+func (*VolumeParent) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *VolumeParent) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *VolumeParent) GetVolumeId() uint64 {
+	if x != nil {
+		return x.VolumeId
+	}
+	return 0
+}
+
+func (x *VolumeParent) GetCheckpoint() string {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return ""
+}
+
+func (x *VolumeParent) GetCheckpointId() uint32 {
+	if x != nil {
+		return x.CheckpointId
+	}
+	return 0
+}
+
+func (x *VolumeParent) GetSizeBytes() uint64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
 type CreateVolumeRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -145,14 +452,17 @@ type CreateVolumeRequest struct {
 	SectorSize uint32 `protobuf:"varint,4,opt,name=sector_size,json=sectorSize,proto3" json:"sector_size,omitempty"`
 	Shared     bool   `protobuf:"varint,5,opt,name=shared,proto3" json:"shared,omitempty"`
 	// Pool to create the volume in; empty means "default".
-	Pool          string `protobuf:"bytes,6,opt,name=pool,proto3" json:"pool,omitempty"`
+	Pool string `protobuf:"bytes,6,opt,name=pool,proto3" json:"pool,omitempty"`
+	// "VOLUME@CHECKPOINT": create a linked clone of that checkpoint, in O(1): it shares every block it does not
+	// write. Its size defaults to the checkpoint's; it may be larger. The clone takes the parent's sector size.
+	Source        string `protobuf:"bytes,7,opt,name=source,proto3" json:"source,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateVolumeRequest) Reset() {
 	*x = CreateVolumeRequest{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[1]
+	mi := &file_basalt_v1_volume_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -164,7 +474,7 @@ func (x *CreateVolumeRequest) String() string {
 func (*CreateVolumeRequest) ProtoMessage() {}
 
 func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[1]
+	mi := &file_basalt_v1_volume_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -177,7 +487,7 @@ func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CreateVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{1}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateVolumeRequest) GetName() string {
@@ -222,6 +532,13 @@ func (x *CreateVolumeRequest) GetPool() string {
 	return ""
 }
 
+func (x *CreateVolumeRequest) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
 type GetVolumeRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -231,7 +548,7 @@ type GetVolumeRequest struct {
 
 func (x *GetVolumeRequest) Reset() {
 	*x = GetVolumeRequest{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[2]
+	mi := &file_basalt_v1_volume_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -243,7 +560,7 @@ func (x *GetVolumeRequest) String() string {
 func (*GetVolumeRequest) ProtoMessage() {}
 
 func (x *GetVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[2]
+	mi := &file_basalt_v1_volume_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -256,7 +573,7 @@ func (x *GetVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVolumeRequest.ProtoReflect.Descriptor instead.
 func (*GetVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{2}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetVolumeRequest) GetName() string {
@@ -274,7 +591,7 @@ type ListVolumesRequest struct {
 
 func (x *ListVolumesRequest) Reset() {
 	*x = ListVolumesRequest{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[3]
+	mi := &file_basalt_v1_volume_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -286,7 +603,7 @@ func (x *ListVolumesRequest) String() string {
 func (*ListVolumesRequest) ProtoMessage() {}
 
 func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[3]
+	mi := &file_basalt_v1_volume_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -299,7 +616,7 @@ func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesRequest.ProtoReflect.Descriptor instead.
 func (*ListVolumesRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{3}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{7}
 }
 
 type ListVolumesResponse struct {
@@ -311,7 +628,7 @@ type ListVolumesResponse struct {
 
 func (x *ListVolumesResponse) Reset() {
 	*x = ListVolumesResponse{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[4]
+	mi := &file_basalt_v1_volume_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -323,7 +640,7 @@ func (x *ListVolumesResponse) String() string {
 func (*ListVolumesResponse) ProtoMessage() {}
 
 func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[4]
+	mi := &file_basalt_v1_volume_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -336,7 +653,7 @@ func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesResponse.ProtoReflect.Descriptor instead.
 func (*ListVolumesResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{4}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListVolumesResponse) GetVolumes() []*Volume {
@@ -355,7 +672,7 @@ type DeleteVolumeRequest struct {
 
 func (x *DeleteVolumeRequest) Reset() {
 	*x = DeleteVolumeRequest{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[5]
+	mi := &file_basalt_v1_volume_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -367,7 +684,7 @@ func (x *DeleteVolumeRequest) String() string {
 func (*DeleteVolumeRequest) ProtoMessage() {}
 
 func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[5]
+	mi := &file_basalt_v1_volume_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -380,7 +697,7 @@ func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{5}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DeleteVolumeRequest) GetName() string {
@@ -398,7 +715,7 @@ type DeleteVolumeResponse struct {
 
 func (x *DeleteVolumeResponse) Reset() {
 	*x = DeleteVolumeResponse{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[6]
+	mi := &file_basalt_v1_volume_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -410,7 +727,7 @@ func (x *DeleteVolumeResponse) String() string {
 func (*DeleteVolumeResponse) ProtoMessage() {}
 
 func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[6]
+	mi := &file_basalt_v1_volume_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -423,7 +740,7 @@ func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{6}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{10}
 }
 
 type ResizeVolumeRequest struct {
@@ -437,7 +754,7 @@ type ResizeVolumeRequest struct {
 
 func (x *ResizeVolumeRequest) Reset() {
 	*x = ResizeVolumeRequest{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[7]
+	mi := &file_basalt_v1_volume_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -449,7 +766,7 @@ func (x *ResizeVolumeRequest) String() string {
 func (*ResizeVolumeRequest) ProtoMessage() {}
 
 func (x *ResizeVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[7]
+	mi := &file_basalt_v1_volume_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -462,7 +779,7 @@ func (x *ResizeVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeVolumeRequest.ProtoReflect.Descriptor instead.
 func (*ResizeVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{7}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ResizeVolumeRequest) GetName() string {
@@ -502,7 +819,7 @@ type Pool struct {
 
 func (x *Pool) Reset() {
 	*x = Pool{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[8]
+	mi := &file_basalt_v1_volume_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -514,7 +831,7 @@ func (x *Pool) String() string {
 func (*Pool) ProtoMessage() {}
 
 func (x *Pool) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[8]
+	mi := &file_basalt_v1_volume_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -527,7 +844,7 @@ func (x *Pool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pool.ProtoReflect.Descriptor instead.
 func (*Pool) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{8}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Pool) GetName() string {
@@ -570,7 +887,7 @@ type CreatePoolRequest struct {
 
 func (x *CreatePoolRequest) Reset() {
 	*x = CreatePoolRequest{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[9]
+	mi := &file_basalt_v1_volume_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -582,7 +899,7 @@ func (x *CreatePoolRequest) String() string {
 func (*CreatePoolRequest) ProtoMessage() {}
 
 func (x *CreatePoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[9]
+	mi := &file_basalt_v1_volume_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -595,7 +912,7 @@ func (x *CreatePoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreatePoolRequest.ProtoReflect.Descriptor instead.
 func (*CreatePoolRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{9}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CreatePoolRequest) GetName() string {
@@ -627,7 +944,7 @@ type ListPoolsRequest struct {
 
 func (x *ListPoolsRequest) Reset() {
 	*x = ListPoolsRequest{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[10]
+	mi := &file_basalt_v1_volume_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -639,7 +956,7 @@ func (x *ListPoolsRequest) String() string {
 func (*ListPoolsRequest) ProtoMessage() {}
 
 func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[10]
+	mi := &file_basalt_v1_volume_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -652,7 +969,7 @@ func (x *ListPoolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsRequest.ProtoReflect.Descriptor instead.
 func (*ListPoolsRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{10}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{14}
 }
 
 type ListPoolsResponse struct {
@@ -664,7 +981,7 @@ type ListPoolsResponse struct {
 
 func (x *ListPoolsResponse) Reset() {
 	*x = ListPoolsResponse{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[11]
+	mi := &file_basalt_v1_volume_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -676,7 +993,7 @@ func (x *ListPoolsResponse) String() string {
 func (*ListPoolsResponse) ProtoMessage() {}
 
 func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[11]
+	mi := &file_basalt_v1_volume_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -689,7 +1006,7 @@ func (x *ListPoolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoolsResponse.ProtoReflect.Descriptor instead.
 func (*ListPoolsResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{11}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListPoolsResponse) GetPools() []*Pool {
@@ -708,7 +1025,7 @@ type DeletePoolRequest struct {
 
 func (x *DeletePoolRequest) Reset() {
 	*x = DeletePoolRequest{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[12]
+	mi := &file_basalt_v1_volume_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -720,7 +1037,7 @@ func (x *DeletePoolRequest) String() string {
 func (*DeletePoolRequest) ProtoMessage() {}
 
 func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[12]
+	mi := &file_basalt_v1_volume_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -733,7 +1050,7 @@ func (x *DeletePoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolRequest.ProtoReflect.Descriptor instead.
 func (*DeletePoolRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{12}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DeletePoolRequest) GetName() string {
@@ -751,7 +1068,7 @@ type DeletePoolResponse struct {
 
 func (x *DeletePoolResponse) Reset() {
 	*x = DeletePoolResponse{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[13]
+	mi := &file_basalt_v1_volume_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -763,7 +1080,7 @@ func (x *DeletePoolResponse) String() string {
 func (*DeletePoolResponse) ProtoMessage() {}
 
 func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[13]
+	mi := &file_basalt_v1_volume_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -776,7 +1093,7 @@ func (x *DeletePoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePoolResponse.ProtoReflect.Descriptor instead.
 func (*DeletePoolResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{13}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{17}
 }
 
 // VolumeStatus is a volume's placement health at one cluster map epoch.
@@ -804,7 +1121,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[14]
+	mi := &file_basalt_v1_volume_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -816,7 +1133,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[14]
+	mi := &file_basalt_v1_volume_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -829,7 +1146,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{14}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *VolumeStatus) GetVolume() *Volume {
@@ -925,7 +1242,7 @@ type PGRecovery struct {
 
 func (x *PGRecovery) Reset() {
 	*x = PGRecovery{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[15]
+	mi := &file_basalt_v1_volume_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -937,7 +1254,7 @@ func (x *PGRecovery) String() string {
 func (*PGRecovery) ProtoMessage() {}
 
 func (x *PGRecovery) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[15]
+	mi := &file_basalt_v1_volume_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -950,7 +1267,7 @@ func (x *PGRecovery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PGRecovery.ProtoReflect.Descriptor instead.
 func (*PGRecovery) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{15}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PGRecovery) GetPool() uint32 {
@@ -1018,7 +1335,7 @@ type VolumeReplicaNode struct {
 
 func (x *VolumeReplicaNode) Reset() {
 	*x = VolumeReplicaNode{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[16]
+	mi := &file_basalt_v1_volume_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1030,7 +1347,7 @@ func (x *VolumeReplicaNode) String() string {
 func (*VolumeReplicaNode) ProtoMessage() {}
 
 func (x *VolumeReplicaNode) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[16]
+	mi := &file_basalt_v1_volume_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1043,7 +1360,7 @@ func (x *VolumeReplicaNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeReplicaNode.ProtoReflect.Descriptor instead.
 func (*VolumeReplicaNode) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{16}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *VolumeReplicaNode) GetId() string {
@@ -1097,7 +1414,7 @@ type ScrubVolumeRequest struct {
 
 func (x *ScrubVolumeRequest) Reset() {
 	*x = ScrubVolumeRequest{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[17]
+	mi := &file_basalt_v1_volume_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1109,7 +1426,7 @@ func (x *ScrubVolumeRequest) String() string {
 func (*ScrubVolumeRequest) ProtoMessage() {}
 
 func (x *ScrubVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[17]
+	mi := &file_basalt_v1_volume_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1122,7 +1439,7 @@ func (x *ScrubVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScrubVolumeRequest.ProtoReflect.Descriptor instead.
 func (*ScrubVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{17}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ScrubVolumeRequest) GetName() string {
@@ -1150,7 +1467,7 @@ type ScrubVolumeResponse struct {
 
 func (x *ScrubVolumeResponse) Reset() {
 	*x = ScrubVolumeResponse{}
-	mi := &file_basalt_v1_volume_proto_msgTypes[18]
+	mi := &file_basalt_v1_volume_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1162,7 +1479,7 @@ func (x *ScrubVolumeResponse) String() string {
 func (*ScrubVolumeResponse) ProtoMessage() {}
 
 func (x *ScrubVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_volume_proto_msgTypes[18]
+	mi := &file_basalt_v1_volume_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1175,7 +1492,7 @@ func (x *ScrubVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScrubVolumeResponse.ProtoReflect.Descriptor instead.
 func (*ScrubVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{18}
+	return file_basalt_v1_volume_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ScrubVolumeResponse) GetNodes() uint32 {
@@ -1238,7 +1555,19 @@ var File_basalt_v1_volume_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\n" +
-	"\x16basalt/v1/volume.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x02\n" +
+	"\x16basalt/v1/volume.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1abasalt/v1/checkpoint.proto\"*\n" +
+	"\x14FlattenVolumeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xe5\x01\n" +
+	"\x11CopyVolumeRequest\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12 \n" +
+	"\vdestination\x18\x02 \x01(\tR\vdestination\x12\x16\n" +
+	"\x06create\x18\x03 \x01(\bR\x06create\x12#\n" +
+	"\rsource_offset\x18\x04 \x01(\x04R\fsourceOffset\x12-\n" +
+	"\x12destination_offset\x18\x05 \x01(\x04R\x11destinationOffset\x12\x16\n" +
+	"\x06length\x18\x06 \x01(\x04R\x06length\x12\x12\n" +
+	"\x04pool\x18\a \x01(\tR\x04pool\"7\n" +
+	"\x12CopyVolumeResponse\x12!\n" +
+	"\fbytes_copied\x18\x01 \x01(\x04R\vbytesCopied\"\x9a\x04\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -1251,7 +1580,22 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1a\n" +
 	"\brevision\x18\a \x01(\x03R\brevision\x12\x0e\n" +
 	"\x02id\x18\b \x01(\x04R\x02id\x12\x12\n" +
-	"\x04pool\x18\t \x01(\tR\x04pool\"\xb1\x01\n" +
+	"\x04pool\x18\t \x01(\tR\x04pool\x12%\n" +
+	"\x0echeckpoint_seq\x18\n" +
+	" \x01(\rR\rcheckpointSeq\x127\n" +
+	"\vcheckpoints\x18\v \x03(\v2\x15.basalt.v1.CheckpointR\vcheckpoints\x12/\n" +
+	"\x13deleted_checkpoints\x18\f \x03(\rR\x12deletedCheckpoints\x12K\n" +
+	"\x12pending_checkpoint\x18\r \x01(\v2\x1c.basalt.v1.PendingCheckpointR\x11pendingCheckpoint\x12/\n" +
+	"\x06parent\x18\x0e \x01(\v2\x17.basalt.v1.VolumeParentR\x06parent\"\xa7\x01\n" +
+	"\fVolumeParent\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x1b\n" +
+	"\tvolume_id\x18\x02 \x01(\x04R\bvolumeId\x12\x1e\n" +
+	"\n" +
+	"checkpoint\x18\x03 \x01(\tR\n" +
+	"checkpoint\x12#\n" +
+	"\rcheckpoint_id\x18\x04 \x01(\rR\fcheckpointId\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x05 \x01(\x04R\tsizeBytes\"\xc9\x01\n" +
 	"\x13CreateVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -1260,7 +1604,8 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\vsector_size\x18\x04 \x01(\rR\n" +
 	"sectorSize\x12\x16\n" +
 	"\x06shared\x18\x05 \x01(\bR\x06shared\x12\x12\n" +
-	"\x04pool\x18\x06 \x01(\tR\x04pool\"&\n" +
+	"\x04pool\x18\x06 \x01(\tR\x04pool\x12\x16\n" +
+	"\x06source\x18\a \x01(\tR\x06source\"&\n" +
 	"\x10GetVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
 	"\x12ListVolumesRequest\"B\n" +
@@ -1335,7 +1680,7 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\n" +
 	"unrepaired\x18\a \x01(\x04R\n" +
 	"unrepaired\x12\x16\n" +
-	"\x06errors\x18\b \x03(\tR\x06errors2\xd8\x05\n" +
+	"\x06errors\x18\b \x03(\tR\x06errors2\xe8\x06\n" +
 	"\rVolumeService\x12A\n" +
 	"\fCreateVolume\x12\x1e.basalt.v1.CreateVolumeRequest\x1a\x11.basalt.v1.Volume\x12;\n" +
 	"\tGetVolume\x12\x1b.basalt.v1.GetVolumeRequest\x1a\x11.basalt.v1.Volume\x12L\n" +
@@ -1348,7 +1693,10 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"CreatePool\x12\x1c.basalt.v1.CreatePoolRequest\x1a\x0f.basalt.v1.Pool\x12F\n" +
 	"\tListPools\x12\x1b.basalt.v1.ListPoolsRequest\x1a\x1c.basalt.v1.ListPoolsResponse\x12I\n" +
 	"\n" +
-	"DeletePool\x12\x1c.basalt.v1.DeletePoolRequest\x1a\x1d.basalt.v1.DeletePoolResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
+	"DeletePool\x12\x1c.basalt.v1.DeletePoolRequest\x1a\x1d.basalt.v1.DeletePoolResponse\x12C\n" +
+	"\rFlattenVolume\x12\x1f.basalt.v1.FlattenVolumeRequest\x1a\x11.basalt.v1.Volume\x12I\n" +
+	"\n" +
+	"CopyVolume\x12\x1c.basalt.v1.CopyVolumeRequest\x1a\x1d.basalt.v1.CopyVolumeResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
 
 var (
 	file_basalt_v1_volume_proto_rawDescOnce sync.Once
@@ -1362,61 +1710,74 @@ func file_basalt_v1_volume_proto_rawDescGZIP() []byte {
 	return file_basalt_v1_volume_proto_rawDescData
 }
 
-var file_basalt_v1_volume_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_basalt_v1_volume_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_basalt_v1_volume_proto_goTypes = []any{
-	(*Volume)(nil),                // 0: basalt.v1.Volume
-	(*CreateVolumeRequest)(nil),   // 1: basalt.v1.CreateVolumeRequest
-	(*GetVolumeRequest)(nil),      // 2: basalt.v1.GetVolumeRequest
-	(*ListVolumesRequest)(nil),    // 3: basalt.v1.ListVolumesRequest
-	(*ListVolumesResponse)(nil),   // 4: basalt.v1.ListVolumesResponse
-	(*DeleteVolumeRequest)(nil),   // 5: basalt.v1.DeleteVolumeRequest
-	(*DeleteVolumeResponse)(nil),  // 6: basalt.v1.DeleteVolumeResponse
-	(*ResizeVolumeRequest)(nil),   // 7: basalt.v1.ResizeVolumeRequest
-	(*Pool)(nil),                  // 8: basalt.v1.Pool
-	(*CreatePoolRequest)(nil),     // 9: basalt.v1.CreatePoolRequest
-	(*ListPoolsRequest)(nil),      // 10: basalt.v1.ListPoolsRequest
-	(*ListPoolsResponse)(nil),     // 11: basalt.v1.ListPoolsResponse
-	(*DeletePoolRequest)(nil),     // 12: basalt.v1.DeletePoolRequest
-	(*DeletePoolResponse)(nil),    // 13: basalt.v1.DeletePoolResponse
-	(*VolumeStatus)(nil),          // 14: basalt.v1.VolumeStatus
-	(*PGRecovery)(nil),            // 15: basalt.v1.PGRecovery
-	(*VolumeReplicaNode)(nil),     // 16: basalt.v1.VolumeReplicaNode
-	(*ScrubVolumeRequest)(nil),    // 17: basalt.v1.ScrubVolumeRequest
-	(*ScrubVolumeResponse)(nil),   // 18: basalt.v1.ScrubVolumeResponse
-	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
+	(*FlattenVolumeRequest)(nil),  // 0: basalt.v1.FlattenVolumeRequest
+	(*CopyVolumeRequest)(nil),     // 1: basalt.v1.CopyVolumeRequest
+	(*CopyVolumeResponse)(nil),    // 2: basalt.v1.CopyVolumeResponse
+	(*Volume)(nil),                // 3: basalt.v1.Volume
+	(*VolumeParent)(nil),          // 4: basalt.v1.VolumeParent
+	(*CreateVolumeRequest)(nil),   // 5: basalt.v1.CreateVolumeRequest
+	(*GetVolumeRequest)(nil),      // 6: basalt.v1.GetVolumeRequest
+	(*ListVolumesRequest)(nil),    // 7: basalt.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),   // 8: basalt.v1.ListVolumesResponse
+	(*DeleteVolumeRequest)(nil),   // 9: basalt.v1.DeleteVolumeRequest
+	(*DeleteVolumeResponse)(nil),  // 10: basalt.v1.DeleteVolumeResponse
+	(*ResizeVolumeRequest)(nil),   // 11: basalt.v1.ResizeVolumeRequest
+	(*Pool)(nil),                  // 12: basalt.v1.Pool
+	(*CreatePoolRequest)(nil),     // 13: basalt.v1.CreatePoolRequest
+	(*ListPoolsRequest)(nil),      // 14: basalt.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),     // 15: basalt.v1.ListPoolsResponse
+	(*DeletePoolRequest)(nil),     // 16: basalt.v1.DeletePoolRequest
+	(*DeletePoolResponse)(nil),    // 17: basalt.v1.DeletePoolResponse
+	(*VolumeStatus)(nil),          // 18: basalt.v1.VolumeStatus
+	(*PGRecovery)(nil),            // 19: basalt.v1.PGRecovery
+	(*VolumeReplicaNode)(nil),     // 20: basalt.v1.VolumeReplicaNode
+	(*ScrubVolumeRequest)(nil),    // 21: basalt.v1.ScrubVolumeRequest
+	(*ScrubVolumeResponse)(nil),   // 22: basalt.v1.ScrubVolumeResponse
+	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
+	(*Checkpoint)(nil),            // 24: basalt.v1.Checkpoint
+	(*PendingCheckpoint)(nil),     // 25: basalt.v1.PendingCheckpoint
 }
 var file_basalt_v1_volume_proto_depIdxs = []int32{
-	19, // 0: basalt.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
-	0,  // 1: basalt.v1.ListVolumesResponse.volumes:type_name -> basalt.v1.Volume
-	8,  // 2: basalt.v1.ListPoolsResponse.pools:type_name -> basalt.v1.Pool
-	0,  // 3: basalt.v1.VolumeStatus.volume:type_name -> basalt.v1.Volume
-	16, // 4: basalt.v1.VolumeStatus.nodes:type_name -> basalt.v1.VolumeReplicaNode
-	19, // 5: basalt.v1.PGRecovery.updated_at:type_name -> google.protobuf.Timestamp
-	1,  // 6: basalt.v1.VolumeService.CreateVolume:input_type -> basalt.v1.CreateVolumeRequest
-	2,  // 7: basalt.v1.VolumeService.GetVolume:input_type -> basalt.v1.GetVolumeRequest
-	3,  // 8: basalt.v1.VolumeService.ListVolumes:input_type -> basalt.v1.ListVolumesRequest
-	5,  // 9: basalt.v1.VolumeService.DeleteVolume:input_type -> basalt.v1.DeleteVolumeRequest
-	7,  // 10: basalt.v1.VolumeService.ResizeVolume:input_type -> basalt.v1.ResizeVolumeRequest
-	17, // 11: basalt.v1.VolumeService.ScrubVolume:input_type -> basalt.v1.ScrubVolumeRequest
-	2,  // 12: basalt.v1.VolumeService.GetVolumeStatus:input_type -> basalt.v1.GetVolumeRequest
-	9,  // 13: basalt.v1.VolumeService.CreatePool:input_type -> basalt.v1.CreatePoolRequest
-	10, // 14: basalt.v1.VolumeService.ListPools:input_type -> basalt.v1.ListPoolsRequest
-	12, // 15: basalt.v1.VolumeService.DeletePool:input_type -> basalt.v1.DeletePoolRequest
-	0,  // 16: basalt.v1.VolumeService.CreateVolume:output_type -> basalt.v1.Volume
-	0,  // 17: basalt.v1.VolumeService.GetVolume:output_type -> basalt.v1.Volume
-	4,  // 18: basalt.v1.VolumeService.ListVolumes:output_type -> basalt.v1.ListVolumesResponse
-	6,  // 19: basalt.v1.VolumeService.DeleteVolume:output_type -> basalt.v1.DeleteVolumeResponse
-	0,  // 20: basalt.v1.VolumeService.ResizeVolume:output_type -> basalt.v1.Volume
-	18, // 21: basalt.v1.VolumeService.ScrubVolume:output_type -> basalt.v1.ScrubVolumeResponse
-	14, // 22: basalt.v1.VolumeService.GetVolumeStatus:output_type -> basalt.v1.VolumeStatus
-	8,  // 23: basalt.v1.VolumeService.CreatePool:output_type -> basalt.v1.Pool
-	11, // 24: basalt.v1.VolumeService.ListPools:output_type -> basalt.v1.ListPoolsResponse
-	13, // 25: basalt.v1.VolumeService.DeletePool:output_type -> basalt.v1.DeletePoolResponse
-	16, // [16:26] is the sub-list for method output_type
-	6,  // [6:16] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	23, // 0: basalt.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
+	24, // 1: basalt.v1.Volume.checkpoints:type_name -> basalt.v1.Checkpoint
+	25, // 2: basalt.v1.Volume.pending_checkpoint:type_name -> basalt.v1.PendingCheckpoint
+	4,  // 3: basalt.v1.Volume.parent:type_name -> basalt.v1.VolumeParent
+	3,  // 4: basalt.v1.ListVolumesResponse.volumes:type_name -> basalt.v1.Volume
+	12, // 5: basalt.v1.ListPoolsResponse.pools:type_name -> basalt.v1.Pool
+	3,  // 6: basalt.v1.VolumeStatus.volume:type_name -> basalt.v1.Volume
+	20, // 7: basalt.v1.VolumeStatus.nodes:type_name -> basalt.v1.VolumeReplicaNode
+	23, // 8: basalt.v1.PGRecovery.updated_at:type_name -> google.protobuf.Timestamp
+	5,  // 9: basalt.v1.VolumeService.CreateVolume:input_type -> basalt.v1.CreateVolumeRequest
+	6,  // 10: basalt.v1.VolumeService.GetVolume:input_type -> basalt.v1.GetVolumeRequest
+	7,  // 11: basalt.v1.VolumeService.ListVolumes:input_type -> basalt.v1.ListVolumesRequest
+	9,  // 12: basalt.v1.VolumeService.DeleteVolume:input_type -> basalt.v1.DeleteVolumeRequest
+	11, // 13: basalt.v1.VolumeService.ResizeVolume:input_type -> basalt.v1.ResizeVolumeRequest
+	21, // 14: basalt.v1.VolumeService.ScrubVolume:input_type -> basalt.v1.ScrubVolumeRequest
+	6,  // 15: basalt.v1.VolumeService.GetVolumeStatus:input_type -> basalt.v1.GetVolumeRequest
+	13, // 16: basalt.v1.VolumeService.CreatePool:input_type -> basalt.v1.CreatePoolRequest
+	14, // 17: basalt.v1.VolumeService.ListPools:input_type -> basalt.v1.ListPoolsRequest
+	16, // 18: basalt.v1.VolumeService.DeletePool:input_type -> basalt.v1.DeletePoolRequest
+	0,  // 19: basalt.v1.VolumeService.FlattenVolume:input_type -> basalt.v1.FlattenVolumeRequest
+	1,  // 20: basalt.v1.VolumeService.CopyVolume:input_type -> basalt.v1.CopyVolumeRequest
+	3,  // 21: basalt.v1.VolumeService.CreateVolume:output_type -> basalt.v1.Volume
+	3,  // 22: basalt.v1.VolumeService.GetVolume:output_type -> basalt.v1.Volume
+	8,  // 23: basalt.v1.VolumeService.ListVolumes:output_type -> basalt.v1.ListVolumesResponse
+	10, // 24: basalt.v1.VolumeService.DeleteVolume:output_type -> basalt.v1.DeleteVolumeResponse
+	3,  // 25: basalt.v1.VolumeService.ResizeVolume:output_type -> basalt.v1.Volume
+	22, // 26: basalt.v1.VolumeService.ScrubVolume:output_type -> basalt.v1.ScrubVolumeResponse
+	18, // 27: basalt.v1.VolumeService.GetVolumeStatus:output_type -> basalt.v1.VolumeStatus
+	12, // 28: basalt.v1.VolumeService.CreatePool:output_type -> basalt.v1.Pool
+	15, // 29: basalt.v1.VolumeService.ListPools:output_type -> basalt.v1.ListPoolsResponse
+	17, // 30: basalt.v1.VolumeService.DeletePool:output_type -> basalt.v1.DeletePoolResponse
+	3,  // 31: basalt.v1.VolumeService.FlattenVolume:output_type -> basalt.v1.Volume
+	2,  // 32: basalt.v1.VolumeService.CopyVolume:output_type -> basalt.v1.CopyVolumeResponse
+	21, // [21:33] is the sub-list for method output_type
+	9,  // [9:21] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_basalt_v1_volume_proto_init() }
@@ -1424,13 +1785,14 @@ func file_basalt_v1_volume_proto_init() {
 	if File_basalt_v1_volume_proto != nil {
 		return
 	}
+	file_basalt_v1_checkpoint_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_volume_proto_rawDesc), len(file_basalt_v1_volume_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   19,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -29,6 +29,8 @@ const (
 	VolumeService_CreatePool_FullMethodName      = "/basalt.v1.VolumeService/CreatePool"
 	VolumeService_ListPools_FullMethodName       = "/basalt.v1.VolumeService/ListPools"
 	VolumeService_DeletePool_FullMethodName      = "/basalt.v1.VolumeService/DeletePool"
+	VolumeService_FlattenVolume_FullMethodName   = "/basalt.v1.VolumeService/FlattenVolume"
+	VolumeService_CopyVolume_FullMethodName      = "/basalt.v1.VolumeService/CopyVolume"
 )
 
 // VolumeServiceClient is the client API for VolumeService service.
@@ -51,6 +53,12 @@ type VolumeServiceClient interface {
 	CreatePool(ctx context.Context, in *CreatePoolRequest, opts ...grpc.CallOption) (*Pool, error)
 	ListPools(ctx context.Context, in *ListPoolsRequest, opts ...grpc.CallOption) (*ListPoolsResponse, error)
 	DeletePool(ctx context.Context, in *DeletePoolRequest, opts ...grpc.CallOption) (*DeletePoolResponse, error)
+	// FlattenVolume copies into a linked clone every block it still reads from its parent, online, then detaches
+	// it from the parent.
+	FlattenVolume(ctx context.Context, in *FlattenVolumeRequest, opts ...grpc.CallOption) (*Volume, error)
+	// CopyVolume copies a volume, or a range of one into another, inside the cluster: the data never passes
+	// through the caller. A whole-volume copy is a linked clone of a checkpoint, flattened.
+	CopyVolume(ctx context.Context, in *CopyVolumeRequest, opts ...grpc.CallOption) (*CopyVolumeResponse, error)
 }
 
 type volumeServiceClient struct {
@@ -161,6 +169,26 @@ func (c *volumeServiceClient) DeletePool(ctx context.Context, in *DeletePoolRequ
 	return out, nil
 }
 
+func (c *volumeServiceClient) FlattenVolume(ctx context.Context, in *FlattenVolumeRequest, opts ...grpc.CallOption) (*Volume, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Volume)
+	err := c.cc.Invoke(ctx, VolumeService_FlattenVolume_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *volumeServiceClient) CopyVolume(ctx context.Context, in *CopyVolumeRequest, opts ...grpc.CallOption) (*CopyVolumeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CopyVolumeResponse)
+	err := c.cc.Invoke(ctx, VolumeService_CopyVolume_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // VolumeServiceServer is the server API for VolumeService service.
 // All implementations must embed UnimplementedVolumeServiceServer
 // for forward compatibility.
@@ -181,6 +209,12 @@ type VolumeServiceServer interface {
 	CreatePool(context.Context, *CreatePoolRequest) (*Pool, error)
 	ListPools(context.Context, *ListPoolsRequest) (*ListPoolsResponse, error)
 	DeletePool(context.Context, *DeletePoolRequest) (*DeletePoolResponse, error)
+	// FlattenVolume copies into a linked clone every block it still reads from its parent, online, then detaches
+	// it from the parent.
+	FlattenVolume(context.Context, *FlattenVolumeRequest) (*Volume, error)
+	// CopyVolume copies a volume, or a range of one into another, inside the cluster: the data never passes
+	// through the caller. A whole-volume copy is a linked clone of a checkpoint, flattened.
+	CopyVolume(context.Context, *CopyVolumeRequest) (*CopyVolumeResponse, error)
 	mustEmbedUnimplementedVolumeServiceServer()
 }
 
@@ -220,6 +254,12 @@ func (UnimplementedVolumeServiceServer) ListPools(context.Context, *ListPoolsReq
 }
 func (UnimplementedVolumeServiceServer) DeletePool(context.Context, *DeletePoolRequest) (*DeletePoolResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeletePool not implemented")
+}
+func (UnimplementedVolumeServiceServer) FlattenVolume(context.Context, *FlattenVolumeRequest) (*Volume, error) {
+	return nil, status.Error(codes.Unimplemented, "method FlattenVolume not implemented")
+}
+func (UnimplementedVolumeServiceServer) CopyVolume(context.Context, *CopyVolumeRequest) (*CopyVolumeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CopyVolume not implemented")
 }
 func (UnimplementedVolumeServiceServer) mustEmbedUnimplementedVolumeServiceServer() {}
 func (UnimplementedVolumeServiceServer) testEmbeddedByValue()                       {}
@@ -422,6 +462,42 @@ func _VolumeService_DeletePool_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VolumeService_FlattenVolume_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FlattenVolumeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).FlattenVolume(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_FlattenVolume_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).FlattenVolume(ctx, req.(*FlattenVolumeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VolumeService_CopyVolume_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CopyVolumeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).CopyVolume(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_CopyVolume_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).CopyVolume(ctx, req.(*CopyVolumeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // VolumeService_ServiceDesc is the grpc.ServiceDesc for VolumeService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -468,6 +544,14 @@ var VolumeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeletePool",
 			Handler:    _VolumeService_DeletePool_Handler,
+		},
+		{
+			MethodName: "FlattenVolume",
+			Handler:    _VolumeService_FlattenVolume_Handler,
+		},
+		{
+			MethodName: "CopyVolume",
+			Handler:    _VolumeService_CopyVolume_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -24,8 +24,9 @@ func main() {
 	binDir := flag.String("bin-dir", "bin", "directory with the basalt binaries")
 	size := flag.String("size", "1G", "bytes each target holds (the sequential write fills them)")
 	runtime := flag.Duration("runtime", 5*time.Second, "duration of each timed job")
+	suites := flag.String("suites", "nbd,checkpoint", "comma-separated suites to run: nbd (fio against Basalt and its peers), checkpoint (checkpoint create, writes after a checkpoint, merge under load)")
 	flag.Parse()
-	if err := run(*dir, *binDir, *size, *runtime); err != nil {
+	if err := run(*dir, *binDir, *size, *runtime, *suites); err != nil {
 		fmt.Fprintf(os.Stderr, "basalt-bench: %v\n", err)
 		os.Exit(1)
 	}
@@ -37,7 +38,7 @@ type target struct {
 	args []string
 }
 
-func run(dir, binDir, size string, runtime time.Duration) error {
+func run(dir, binDir, size string, runtime time.Duration, suites string) error {
 	for _, tool := range []string{"fio", "qemu-nbd", "nbdkit", "qemu-img"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			return fmt.Errorf("%s not installed (run `make deps`)", tool)
@@ -106,6 +107,24 @@ func run(dir, binDir, size string, runtime time.Duration) error {
 		return err
 	}
 	bsock := filepath.Join(dir, "basalt", "blockd-1", "nbd.sock")
+	if strings.Contains(suites, "checkpoint") {
+		fio := func(args ...string) (bench.Result, error) {
+			cmd := exec.CommandContext(ctx, "fio", append([]string{"--name=bench", "--output-format=json", "--randrepeat=0", "--norandommap"}, args...)...)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			out, err := cmd.Output()
+			if err != nil {
+				return bench.Result{}, fmt.Errorf("fio %v: %w: %s", args, err, strings.TrimSpace(stderr.String()))
+			}
+			return bench.ParseFio(bytes.NewReader(out))
+		}
+		if err := checkpointSuite(ctx, fmt.Sprintf("127.0.0.1:%d", base), filepath.Join(dir, "basalt", "logs"), basalt, fio, bsock, size, runtime); err != nil {
+			return fmt.Errorf("checkpoint suite: %w", err)
+		}
+	}
+	if !strings.Contains(suites, "nbd") {
+		return nil
+	}
 	targets := []target{
 		{"raw file (O_DIRECT)", []string{"--ioengine=libaio", "--direct=1", "--filename=" + raw}},
 		{"qemu-nbd", []string{"--ioengine=nbd", "--uri=nbd+unix:///?socket=" + qsock}},
