@@ -82,6 +82,7 @@ from --endpoint, else $BASALT_ENDPOINT, else the client config that 'basalt up' 
 	})
 	root.AddCommand(a.upCmd(), a.nodeCmd(), a.clusterCmd(), a.volumeCmd(), a.poolCmd(), a.versionCmd())
 	root.AddCommand(a.checkpointCmd())
+	root.AddCommand(a.backupCmd())
 	// Unknown subcommands are usage errors too; cobra reports them from Args validation.
 	root.Args = func(cmd *cobra.Command, args []string) error {
 		if len(args) > 0 {
