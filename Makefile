@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 BIN := $(CURDIR)/bin
-DAEMONS := tools/cmd/basalt tools/cmd/basalt-bench metad/cmd/metad blockd/cmd/blockd computed/cmd/computed netd/cmd/netd
+DAEMONS := tools/cmd/basalt tools/cmd/basalt-bench tools/cmd/basalt-netbench metad/cmd/metad blockd/cmd/blockd computed/cmd/computed netd/cmd/netd netd/cmd/basalt-flowcount
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/basalt-hv/basalt/internal/buildinfo.version=$(VERSION)
 
@@ -50,10 +50,14 @@ test-race: deps
 test-short: build
 	BASALT_BIN_DIR=$(BIN) $(GO) test -count=1 -short $(TESTFLAGS) ./...
 
-# Benchmarks against qemu-nbd, nbdkit and the raw file, in one run; results go in docs/benchmarks.md.
+# Benchmarks, each against its peers in the same run; results go in docs/benchmarks.md. The block suites run
+# fio against Basalt, qemu-nbd, nbdkit and the raw file; the network suite (root, iperf3) VXLAN with policies
+# against a plain veth pair, and netd's convergence time.
 BENCHFLAGS ?=
+NETBENCHFLAGS ?=
 bench: build
 	$(BIN)/basalt-bench --bin-dir $(BIN) $(BENCHFLAGS)
+	$(BIN)/basalt-netbench $(NETBENCHFLAGS)
 
 proto:
 	@command -v protoc >/dev/null || ./scripts/deps.sh

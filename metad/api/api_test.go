@@ -57,10 +57,6 @@ func TestUnbuiltServicesSayWhatIsMissing(t *testing.T) {
 			_, err := basaltv1.NewVMServiceClient(c).StartVM(ctx, &basaltv1.StartVMRequest{})
 			return err
 		},
-		"data plane": func() error {
-			_, err := basaltv1.NewNetworkServiceClient(c).CreatePort(ctx, &basaltv1.CreatePortRequest{})
-			return err
-		},
 	}
 	for want, call := range calls {
 		err := call()

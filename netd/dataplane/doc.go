@@ -5,8 +5,11 @@
 // network namespace) to that state: a Linux bridge and a VXLAN device per network,
 // a tap per port, static FDB and neighbour entries for remote ports (no flood and
 // learn), and per-port policy (spoofing guard, DHCP guard, ACLs, isolation) in one
-// nftables table of the bridge family, changed in single transactions. Everything is
-// programmed through netlink and nftables; nothing shells out.
+// nftables table of the bridge family, changed in single transactions; a gateway namespace
+// per network that asks for one (routing between subnets, NAT to the uplink); port
+// mirroring and bandwidth limits and guarantees with tc; and the bridge side of extension
+// ports (an external filter between the VM's tap and the bridge). Everything is programmed
+// through netlink and nftables; nothing shells out.
 //
 // It depends only on the netlink, netns and nftables libraries: no Basalt package, so that netd's control
 // plane (which builds HostState from etcd) sits above it and it can be tested alone in namespaces.

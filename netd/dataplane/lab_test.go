@@ -15,7 +15,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -61,22 +60,17 @@ func requireNetns(t *testing.T) {
 	}
 }
 
-func newNamedNS(name string) (netns.NsHandle, error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		return netns.None(), err
+// deleteGatewayNS deletes the gateway namespaces a plane created with this prefix (they live beside the
+// lab's own namespaces under /run/netns).
+func deleteGatewayNS(t *testing.T, prefix string) {
+	ents, _ := os.ReadDir(netnsDir)
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), prefix+"-") {
+			if err := netns.DeleteNamed(e.Name()); err != nil {
+				t.Errorf("delete gateway namespace %s: %v", e.Name(), err)
+			}
+		}
 	}
-	defer orig.Close()
-	ns, err := netns.NewNamed(name)
-	if err != nil {
-		return netns.None(), err
-	}
-	if err := netns.Set(orig); err != nil {
-		panic("cannot return to the original netns: " + err.Error())
-	}
-	return ns, nil
 }
 
 type testWriter struct{ t *testing.T }
@@ -167,13 +161,36 @@ func newLab(t *testing.T, n int) *lab {
 		must(t, err, "host eth0")
 		must(t, hs.h.AddrAdd(eth, &netlink.Addr{IPNet: &net.IPNet{IP: hs.ip.AsSlice(), Mask: net.CIDRMask(24, 32)}}), "host addr")
 		must(t, hs.h.LinkSetUp(eth), "host eth0 up")
-		p, err := New(Options{NetNS: hs.ns, Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+		gwNS := fmt.Sprintf("%s-gw%d", l.id, i+1)
+		p, err := New(Options{NetNS: hs.ns, GatewayNetNS: gwNS, Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 		must(t, err, "New")
 		t.Cleanup(func() { p.Close() })
+		t.Cleanup(func() { deleteGatewayNS(t, gwNS) })
 		hs.plane = p
 		l.hosts = append(l.hosts, hs)
 	}
 	return l
+}
+
+// addOutside creates a namespace on the underlay segment (a server outside every virtual network).
+func (l *lab) addOutside(name string, ip netip.Addr) *nsref {
+	t := l.t
+	t.Helper()
+	r := l.newNS(name)
+	ubr, err := l.under.h.LinkByName("ubr")
+	must(t, err, "underlay bridge")
+	la := netlink.NewLinkAttrs()
+	la.Name = "o-" + name
+	la.MasterIndex = ubr.Attrs().Index
+	must(t, l.under.h.LinkAdd(&netlink.Veth{LinkAttrs: la, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(r.ns))}), "outside veth")
+	ul, err := l.under.h.LinkByName(la.Name)
+	must(t, err, "outside veth")
+	must(t, l.under.h.LinkSetUp(ul), "outside veth up")
+	eth, err := r.h.LinkByName("eth0")
+	must(t, err, "outside eth0")
+	must(t, r.h.AddrAdd(eth, &netlink.Addr{IPNet: &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(24, 32)}}), "outside addr")
+	must(t, r.h.LinkSetUp(eth), "outside eth0 up")
+	return r
 }
 
 // addVM creates a VM namespace whose eth0 (mac, ip/24) is the peer of tap in host h.

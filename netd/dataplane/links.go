@@ -41,7 +41,7 @@ func (p *Plane) removeStalePorts(d *desired) error {
 	for _, name := range sortedKeys(links) {
 		l := links[name]
 		a := l.Attrs()
-		if _, want := d.ports[name]; want {
+		if _, want := d.ports[name]; want || d.keep[name] {
 			continue
 		}
 		switch {
@@ -280,7 +280,14 @@ func (p *Plane) ensureTaps(d *desired) error {
 	if err != nil {
 		return err
 	}
+	var names []string
 	for _, tap := range sortedKeys(d.ports) {
+		names = append(names, tap)
+		if b := d.bif[tap]; b != tap {
+			names = append(names, b)
+		}
+	}
+	for _, tap := range names {
 		if l := links[tap]; l != nil {
 			if a := l.Attrs().Alias; a == p.marker("bridge") || a == p.marker("vxlan") {
 				return fmt.Errorf("port tap %s is one of our bridges/vxlan devices", tap)
@@ -297,7 +304,7 @@ func (p *Plane) ensureTaps(d *desired) error {
 		if err := p.initOwned(l, "tap"); err != nil {
 			return err
 		}
-		p.log.Info("created tap", "tap", tap, "port", d.ports[tap].Name)
+		p.log.Info("created tap", "tap", tap)
 	}
 	return nil
 }
@@ -314,24 +321,35 @@ func (p *Plane) attachPorts(d *desired) error {
 			return fmt.Errorf("bridge %s vanished", n.bridge)
 		}
 		for _, pt := range n.ports {
-			l := links[pt.Tap]
-			if l == nil {
-				return fmt.Errorf("port %s: interface %s vanished", pt.Name, pt.Tap)
+			ifs := []string{d.bif[pt.Tap]}
+			if ifs[0] != pt.Tap {
+				ifs = append(ifs, pt.Tap) // the VM's side of an extension port: up, off the bridge
 			}
-			if l.Attrs().MTU != n.mtu {
-				if err := p.h.LinkSetMTU(l, n.mtu); err != nil {
-					return fmt.Errorf("port %s: set mtu of %s: %w", pt.Name, pt.Tap, err)
+			for i, name := range ifs {
+				l := links[name]
+				if l == nil {
+					return fmt.Errorf("port %s: interface %s vanished", pt.Name, name)
 				}
-			}
-			if l.Attrs().MasterIndex != br.Attrs().Index {
-				if err := p.h.LinkSetMasterByIndex(l, br.Attrs().Index); err != nil {
-					return fmt.Errorf("port %s: attach %s to %s: %w", pt.Name, pt.Tap, n.bridge, err)
+				if l.Attrs().MTU != n.mtu {
+					if err := p.h.LinkSetMTU(l, n.mtu); err != nil {
+						return fmt.Errorf("port %s: set mtu of %s: %w", pt.Name, name, err)
+					}
 				}
-				p.log.Info("attached port", "port", pt.Name, "tap", pt.Tap, "bridge", n.bridge)
-			}
-			if !isUp(l) {
-				if err := p.h.LinkSetUp(l); err != nil {
-					return fmt.Errorf("port %s: set %s up: %w", pt.Name, pt.Tap, err)
+				switch m := l.Attrs().MasterIndex; {
+				case i == 0 && m != br.Attrs().Index:
+					if err := p.h.LinkSetMasterByIndex(l, br.Attrs().Index); err != nil {
+						return fmt.Errorf("port %s: attach %s to %s: %w", pt.Name, name, n.bridge, err)
+					}
+					p.log.Info("attached port", "port", pt.Name, "link", name, "bridge", n.bridge)
+				case i == 1 && m != 0:
+					if err := p.h.LinkSetNoMaster(l); err != nil {
+						return fmt.Errorf("port %s: detach %s: %w", pt.Name, name, err)
+					}
+				}
+				if !isUp(l) {
+					if err := p.h.LinkSetUp(l); err != nil {
+						return fmt.Errorf("port %s: set %s up: %w", pt.Name, name, err)
+					}
 				}
 			}
 		}

@@ -23,17 +23,23 @@ import (
 //	set   ports          ifname                      every port of our bridges (taps and VXLAN devices)
 //	map   from_port      ifname : verdict            tap -> jump from_<tap>
 //	map   to_port        ifname : verdict            tap -> jump to_<tap>
+//	set   gwports        ifname                      the gateways' bridge ports
+//	set   uplinks        ifname                      the VXLAN devices
 //	set   liso_<vni>     ifname                      local isolated ports of the network
 //	set   lnp_<vni>      ifname                      local non-promiscuous ports
 //	set   riso_<vni>     ether_addr                  remote isolated ports' MACs
 //	set   rnp_<vni>      ether_addr                  remote non-promiscuous ports' MACs
 //	counter <tap>.spoof, <tap>.dhcp, <tap>.isolation, <tap>.acl.<id>
 //	chain prerouting  (filter hook prerouting priority -200)  iifname vmap @from_port
-//	chain forward     (filter hook forward priority -200)     oifname vmap @to_port
+//	chain forward     (filter hook forward priority -200)     gateway broadcasts to @uplinks dropped;
+//	                                                           oifname vmap @to_port
 //	chain input       (filter hook input priority -200)       iifname @ports drop
 //	chain output      (filter hook output priority -200)      oifname @ports drop
 //	chain from_<tap>  frames sent by the VM: DHCP guard, spoofing guard, ACL out
 //	chain to_<tap>    frames delivered to the VM: isolation, ACL in
+//
+// A port's maps and sets name its bridge-side interface: its tap, or the extension tap of an extension port
+// (chains and counters keep the tap's name).
 //
 // Every rule carries a comment "<hash> <label>", the hash covering the rule's
 // expressions (anonymous sets included), so a rule is recognised as unchanged without
@@ -45,6 +51,8 @@ import (
 
 const (
 	setPorts     = "ports"
+	setGWPorts   = "gwports"
+	setUplinks   = "uplinks"
 	mapFromPort  = "from_port"
 	mapToPort    = "to_port"
 	bridgePrio   = -200 // NF_BR_PRI_FILTER_BRIDGED
@@ -195,10 +203,13 @@ func buildRuleset(d *desired) *ruleset {
 	ports := &setSpec{name: setPorts, keyType: nftables.TypeIFName, elems: map[string]string{}}
 	from := &setSpec{name: mapFromPort, keyType: nftables.TypeIFName, vmap: true, elems: map[string]string{}}
 	to := &setSpec{name: mapToPort, keyType: nftables.TypeIFName, vmap: true, elems: map[string]string{}}
-	rs.sets = append(rs.sets, ports, from, to)
+	gwports := &setSpec{name: setGWPorts, keyType: nftables.TypeIFName, elems: map[string]string{}}
+	uplinks := &setSpec{name: setUplinks, keyType: nftables.TypeIFName, elems: map[string]string{}}
+	rs.sets = append(rs.sets, ports, from, to, gwports, uplinks)
 
 	for _, n := range d.nets {
 		ports.elems[string(ifname16(n.vxlan))] = ""
+		uplinks.elems[string(ifname16(n.vxlan))] = ""
 		liso := &setSpec{name: setName("liso", n.VNI), keyType: nftables.TypeIFName, elems: map[string]string{}}
 		lnp := &setSpec{name: setName("lnp", n.VNI), keyType: nftables.TypeIFName, elems: map[string]string{}}
 		riso := &setSpec{name: setName("riso", n.VNI), keyType: nftables.TypeEtherAddr, elems: map[string]string{}}
@@ -206,10 +217,10 @@ func buildRuleset(d *desired) *ruleset {
 		rs.sets = append(rs.sets, liso, lnp, riso, rnp)
 		for _, pt := range n.ports {
 			if pt.Policy.Isolated {
-				liso.elems[string(ifname16(pt.Tap))] = ""
+				liso.elems[string(ifname16(d.bif[pt.Tap]))] = ""
 			}
 			if !pt.Policy.Promiscuous {
-				lnp.elems[string(ifname16(pt.Tap))] = ""
+				lnp.elems[string(ifname16(d.bif[pt.Tap]))] = ""
 			}
 		}
 		for _, r := range n.remote {
@@ -221,9 +232,13 @@ func buildRuleset(d *desired) *ruleset {
 			}
 		}
 		for _, pt := range n.ports {
-			ports.elems[string(ifname16(pt.Tap))] = ""
-			from.elems[string(ifname16(pt.Tap))] = fromChain(pt.Tap)
-			to.elems[string(ifname16(pt.Tap))] = toChain(pt.Tap)
+			bif := string(ifname16(d.bif[pt.Tap]))
+			ports.elems[bif] = ""
+			from.elems[bif] = fromChain(pt.Tap)
+			to.elems[bif] = toChain(pt.Tap)
+			if pt.Tap == n.gwport {
+				gwports.elems[bif] = ""
+			}
 			fc, tc, ctrs := portChains(n, pt)
 			rs.chains = append(rs.chains, fc, tc)
 			rs.counters = append(rs.counters, ctrs...)
@@ -240,8 +255,13 @@ func buildRuleset(d *desired) *ruleset {
 	rs.chains = append(rs.chains,
 		base("prerouting", nftables.ChainHookPrerouting,
 			newRule("dispatch frames from ports", meta(expr.MetaKeyIIFNAME), vmap(mapFromPort))),
-		base("forward", nftables.ChainHookForward,
-			newRule("dispatch frames to ports", meta(expr.MetaKeyOIFNAME), vmap(mapToPort))),
+		&chainSpec{name: "forward", hook: nftables.ChainHookForward, rules: []*ruleSpec{
+			// A gateway exists on every host with the network: its broadcasts and multicasts (ARP, ND)
+			// concern the local ports only.
+			newRule("gateways stay local", meta(expr.MetaKeyIIFNAME), lookup(setGWPorts), meta(expr.MetaKeyOIFNAME), lookup(setUplinks),
+				ldLL(0, 1), &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{1}, Xor: []byte{0}}, eq([]byte{1}), drop),
+			newRule("dispatch frames to ports", meta(expr.MetaKeyOIFNAME), vmap(mapToPort)),
+		}},
 		base("input", nftables.ChainHookInput,
 			newRule("tenant bridges never reach the host", meta(expr.MetaKeyIIFNAME), lookup(setPorts), drop)),
 		base("output", nftables.ChainHookOutput,
@@ -310,6 +330,10 @@ func portChains(n *dNet, pt *Port) (from, to *chainSpec, counters []string) {
 			one(ldTH(0, 1), eq([]byte{136}), ldTH(8, 16), addrSet(true, v6own, true), counter(spoof), drop))...)
 	}
 
+	if tap == n.gwport {
+		// The local gateway serves the local ports only; the other hosts have their own.
+		add(to, "gateway: nothing from the overlay", meta(expr.MetaKeyIIFNAME), eq(ifname16(n.vxlan)), drop)
+	}
 	if !pol.Promiscuous {
 		iso := counterName(tap, "isolation")
 		counters = append(counters, iso)

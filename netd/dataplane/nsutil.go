@@ -67,3 +67,29 @@ func createTap(ns netns.NsHandle, name string) error {
 	}
 	return nil
 }
+
+// newNamedNS creates a network namespace bind-mounted at /run/netns/<name> (iproute2's convention, so
+// operators can enter it with ip netns exec) and returns a handle to it. The calling goroutine's thread
+// returns to its namespace; if it cannot, it stays locked and the runtime discards it.
+func newNamedNS(name string) (netns.NsHandle, error) {
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return netns.None(), err
+	}
+	defer orig.Close()
+	ns, err := netns.NewNamed(name)
+	if err != nil {
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		return netns.None(), err
+	}
+	if err := netns.Set(orig); err != nil {
+		ns.Close()
+		return netns.None(), fmt.Errorf("return from the new namespace: %w", err)
+	}
+	runtime.UnlockOSThread()
+	return ns, nil
+}

@@ -9,11 +9,15 @@ import (
 	"net"
 	"net/netip"
 	"sort"
+	"strings"
 	"sync"
+	"time"
 
 	"github.com/google/nftables"
+	mnl "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Options configure a Plane.
@@ -32,6 +36,16 @@ type Options struct {
 	NetNS netns.NsHandle
 	// Logger receives one line per change the plane makes. Default slog.Default().
 	Logger *slog.Logger
+	// GatewayNetNS starts the names of the gateway namespaces, "<GatewayNetNS>-<VNI>" under /run/netns.
+	// Default "basalt-gw". Names are global to the machine: two planes need two values.
+	GatewayNetNS string
+	// TransitPool is where gateways get the /30 linking them to the host. Default 169.254.64.0/18.
+	TransitPool netip.Prefix
+	// NFTTrust lets Apply skip reading the nftables table back when the desired ruleset is the one the
+	// plane itself verified or wrote less than NFTTrust ago: on a host with 1,000 ports the read costs about
+	// half a second, which every change (a port moving elsewhere) would pay. A change made to the table by
+	// someone else is then repaired by the first Apply after NFTTrust. 0 (the default) reads every time.
+	NFTTrust time.Duration
 }
 
 // Plane programs one host's virtual switch. It is safe for concurrent use; calls are
@@ -47,6 +61,13 @@ type Plane struct {
 	last   *HostState // the last state applied successfully, for Counters
 	setID  uint32     // nftables set IDs for transactions (the library's allocator is not goroutine-safe)
 	closed bool
+
+	gwNS    string
+	transit netip.Prefix
+
+	nftTrust    time.Duration
+	nftVerified string    // fingerprint of the ruleset last verified or written
+	nftReadAt   time.Time // when the table was last read back
 }
 
 // New opens netlink and nftables connections into the target namespace.
@@ -66,6 +87,18 @@ func New(opts Options) (*Plane, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.GatewayNetNS == "" {
+		opts.GatewayNetNS = "basalt-gw"
+	}
+	if !ifNameRE.MatchString(opts.GatewayNetNS) || len(opts.GatewayNetNS) > 200 {
+		return nil, fmt.Errorf("dataplane: invalid gateway namespace prefix %q", opts.GatewayNetNS)
+	}
+	if !opts.TransitPool.IsValid() {
+		opts.TransitPool = netip.MustParsePrefix("169.254.64.0/18")
+	}
+	if !opts.TransitPool.Addr().Is4() || opts.TransitPool.Bits() > 30 {
+		return nil, fmt.Errorf("dataplane: transit pool %v must be an IPv4 prefix of at most /30", opts.TransitPool)
+	}
 	var ns netns.NsHandle
 	var err error
 	if opts.NetNS > 0 {
@@ -82,11 +115,14 @@ func New(opts Options) (*Plane, error) {
 		return nil, fmt.Errorf("dataplane: netlink handle: %w", err)
 	}
 	p := &Plane{
-		prefix: opts.Prefix,
-		table:  &nftables.Table{Name: opts.Table, Family: nftables.TableFamilyBridge},
-		log:    opts.Logger.With("component", "dataplane"),
-		ns:     ns,
-		h:      h,
+		prefix:   opts.Prefix,
+		table:    &nftables.Table{Name: opts.Table, Family: nftables.TableFamilyBridge},
+		log:      opts.Logger.With("component", "dataplane"),
+		ns:       ns,
+		h:        h,
+		gwNS:     opts.GatewayNetNS,
+		transit:  opts.TransitPool.Masked(),
+		nftTrust: opts.NFTTrust,
 	}
 	if err := p.openNFT(); err != nil {
 		h.Close()
@@ -96,8 +132,33 @@ func New(opts Options) (*Plane, error) {
 	return p, nil
 }
 
+// nftBuffer bounds one nftables transaction and the acknowledgements it brings back: the whole policy
+// change is one batch in one sendmsg (that is what makes it atomic), and the kernel queues one ACK per
+// message before the batch's sender reads any. A host with 1,000 ports needs about 35,000 messages; the
+// default socket buffers (about 200 KiB) fail it with EMSGSIZE.
+const nftBuffer = 256 << 20
+
+// bigBuffers raises the socket's buffers past the system's limits (CAP_NET_ADMIN), or as far as allowed.
+func bigBuffers(c *mnl.Conn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		for _, o := range [][2]int{{unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}, {unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}} {
+			if e := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, o[0], nftBuffer); e != nil {
+				if e := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, o[1], nftBuffer); e != nil {
+					serr = e
+				}
+			}
+		}
+	})
+	return errors.Join(err, serr)
+}
+
 func (p *Plane) openNFT() error {
-	c, err := nftables.New(nftables.WithNetNSFd(int(p.ns)), nftables.AsLasting())
+	c, err := nftables.New(nftables.WithNetNSFd(int(p.ns)), nftables.AsLasting(), nftables.WithSockOptions(bigBuffers))
 	if err != nil {
 		return fmt.Errorf("dataplane: nftables connection: %w", err)
 	}
@@ -137,6 +198,7 @@ func (p *Plane) Close() error {
 type dNet struct {
 	Network
 	bridge, vxlan string
+	gwport        string // the gateway's bridge port, if the network has a gateway
 	mtu           int
 	ports         []*Port      // local, sorted by tap
 	remote        []RemotePort // sorted by MAC
@@ -148,7 +210,14 @@ type desired struct {
 	underlay netlink.Link
 	nets     []*dNet // sorted by VNI
 	byName   map[string]*dNet
-	ports    map[string]*Port // by tap
+	ports    map[string]*Port // by tap, including gateway ports
+	byPort   map[string]*Port // by name
+	// bif is the interface each port has on its bridge, by tap: the tap itself, or its extension tap.
+	bif map[string]string
+	// keep are the interfaces of the plane besides taps that must not be deleted or detached.
+	keep   map[string]bool
+	anyNAT bool
+	anyQoS bool
 }
 
 func (p *Plane) marker(kind string) string { return "basalt:" + p.prefix + ":" + kind }
@@ -203,7 +272,8 @@ func (p *Plane) resolve(s HostState) (*desired, error) {
 
 // resolveWith computes names, MTUs and per-network views of a validated state.
 func resolveWith(prefix string, s HostState, ul netlink.Link) *desired {
-	d := &desired{s: s, byName: map[string]*dNet{}, ports: map[string]*Port{}, underlay: ul}
+	d := &desired{s: s, byName: map[string]*dNet{}, ports: map[string]*Port{}, byPort: map[string]*Port{},
+		bif: map[string]string{}, keep: map[string]bool{}, underlay: ul}
 	for _, n := range s.Networks {
 		dn := &dNet{Network: n, bridge: bridgeName(prefix, n.VNI), vxlan: vxlanName(prefix, n.VNI), mtu: n.MTU}
 		if dn.mtu == 0 {
@@ -222,6 +292,25 @@ func resolveWith(prefix string, s HostState, ul netlink.Link) *desired {
 		dn := d.byName[pt.Network]
 		dn.ports = append(dn.ports, pt)
 		d.ports[pt.Tap] = pt
+		d.byPort[pt.Name] = pt
+		d.bif[pt.Tap] = pt.Tap
+		if pt.Policy.Extension {
+			d.bif[pt.Tap] = ExtensionTap(prefix, pt.Tap)
+			d.keep[d.bif[pt.Tap]] = true
+		}
+		d.anyQoS = d.anyQoS || pt.Policy.MaxBps != 0 || pt.Policy.MinBps != 0
+	}
+	for _, dn := range d.nets {
+		if dn.Gateway == nil {
+			continue
+		}
+		gp := gatewayPort(prefix, dn.Network)
+		dn.gwport = gp.Tap
+		dn.ports = append(dn.ports, &gp)
+		d.ports[gp.Tap] = &gp
+		d.bif[gp.Tap] = gp.Tap
+		d.keep[gp.Tap], d.keep[gwWanName(prefix, dn.VNI)] = true, true
+		d.anyNAT = d.anyNAT || dn.Gateway.NAT
 	}
 	for _, r := range s.Remote {
 		dn := d.byName[r.Network]
@@ -251,12 +340,13 @@ func resolveWith(prefix string, s HostState, ul netlink.Link) *desired {
 //
 // Order of work, chosen so that no frame crosses a port before its policy is in place:
 //  1. detach or delete undeclared ports; delete stale FDB/neighbour entries;
-//     delete undeclared networks;
-//  2. create/update bridges and VXLAN devices;
+//     delete undeclared gateways and networks;
+//  2. create/update bridges and VXLAN devices, then gateways;
 //  3. create missing taps (down, not attached);
 //  4. one nftables transaction for the whole policy change;
 //  5. attach taps to their bridges and bring them up;
-//  6. add/replace FDB and neighbour entries for remote ports.
+//  6. mirroring and bandwidth (tc);
+//  7. add/replace FDB and neighbour entries for remote ports.
 func (p *Plane) Apply(ctx context.Context, s HostState) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -277,20 +367,25 @@ func (p *Plane) Apply(ctx context.Context, s HostState) error {
 	}{
 		{"remove stale ports", p.removeStalePorts},
 		{"remove stale fdb", func(d *desired) error { return p.reconcileFDB(d, true) }},
+		{"remove stale gateways", p.removeStaleGateways},
 		{"remove stale networks", p.removeStaleNetworks},
 		{"ensure networks", p.ensureNetworks},
+		{"ensure gateways", p.ensureGateways},
 		{"ensure taps", p.ensureTaps},
 		{"nftables", p.reconcileNFT},
 		{"attach ports", p.attachPorts},
+		{"traffic control", p.reconcileTC},
 		{"fdb", func(d *desired) error { return p.reconcileFDB(d, false) }},
 	}
 	for _, st := range steps {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("dataplane: %s: %w", st.name, err)
 		}
+		start := time.Now()
 		if err := st.fn(d); err != nil {
 			return fmt.Errorf("dataplane: %s: %w", st.name, err)
 		}
+		p.log.Debug("apply step", "step", st.name, "took", time.Since(start))
 	}
 	p.last = &d.s
 	return nil
@@ -352,4 +447,42 @@ func bridgeMAC(prefix string, vni uint32) net.HardwareAddr {
 	h.Write([]byte(prefix))
 	s := h.Sum32()
 	return net.HardwareAddr{0x02, byte(s >> 8), byte(s), byte(vni >> 16), byte(vni >> 8), byte(vni)}
+}
+
+// Owns reports whether the namespace holds anything this plane manages: an interface carrying its marker or
+// its nftables table. netd uses it to leave alone a host it never programmed while nothing is declared for it
+// (a development cluster, a host without VMs). Without the privilege to read nftables, only interfaces count.
+func (p *Plane) Owns(ctx context.Context) (bool, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false, errors.New("dataplane: plane is closed")
+	}
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	links, err := p.linkMap()
+	if err != nil {
+		return false, fmt.Errorf("dataplane: %w", err)
+	}
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Alias, "basalt:"+p.prefix+":") {
+			return true, nil
+		}
+	}
+	if p.nft == nil {
+		p.resetNFT()
+		if p.nft == nil {
+			return false, errors.New("dataplane: no nftables connection")
+		}
+	}
+	_, err = p.nft.ListTableOfFamily(p.table.Name, p.table.Family)
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.EPERM):
+		return false, nil
+	}
+	p.resetNFT()
+	return false, fmt.Errorf("dataplane: look for table %s: %w", p.table.Name, err)
 }

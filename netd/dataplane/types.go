@@ -18,6 +18,18 @@ type Network struct {
 	// MTU of the tenant segment (bridge, vxlan and taps). 0 means the underlay
 	// device's MTU minus the VXLAN overhead (50 bytes for an IPv4 underlay, 70 for IPv6).
 	MTU int
+	// Gateway, if set, is the network's router on this host (see gateway.go).
+	Gateway *Gateway
+}
+
+// Gateway is a network's router: a namespace on every host with ports of the network, with the same MAC and
+// addresses everywhere, that routes between the network's subnets and, with NAT, masquerades IPv4 to the
+// host's uplink. It talks only to the ports of its own host (it never crosses the overlay).
+type Gateway struct {
+	MAC net.HardwareAddr
+	// Addrs are the gateway's addresses with their subnet's length (10.0.0.1/24), at most one per subnet.
+	Addrs []netip.Prefix
+	NAT   bool
 }
 
 // Direction of an ACL rule, seen from the VM.
@@ -85,6 +97,16 @@ type PortPolicy struct {
 	// Promiscuous ports (gateways, service ports) talk to every port, isolated or not.
 	Promiscuous bool
 	ACL         []ACLRule
+	// MirrorTo names another local port (Port.Name) that receives a copy of every frame this port sends and
+	// receives (tc mirred); empty for none.
+	MirrorTo string
+	// MaxBps caps what the VM sends and, separately, what it receives, in bit/s; 0 for no cap.
+	MaxBps uint64
+	// MinBps is the share of HostState.UplinkBps guaranteed to what the VM sends, in bit/s; 0 for none.
+	MinBps uint64
+	// Extension puts an external filter in the port's path: the tap is not attached to the bridge; a second
+	// tap (ExtensionTap) is, and the filter process moves frames between the two (see extension.go).
+	Extension bool
 }
 
 // Port is a VM NIC on this host.
@@ -118,9 +140,13 @@ type RemotePort struct {
 type HostState struct {
 	UnderlayIP  netip.Addr
 	UnderlayDev string
-	Networks    []Network
-	Ports       []Port
-	Remote      []RemotePort
+	// Uplink is the interface gateways masquerade to (empty: UnderlayDev).
+	Uplink string
+	// UplinkBps is the capacity shared by what the VMs of ports with MaxBps/MinBps send (0: 10 Gbit/s).
+	UplinkBps uint64
+	Networks  []Network
+	Ports     []Port
+	Remote    []RemotePort
 }
 
 // Counter is a packet/byte pair.
@@ -210,6 +236,9 @@ func (s *HostState) validate(prefix string) error {
 		if n.MTU != 0 && (n.MTU < 68 || n.MTU > 65535) {
 			return fmt.Errorf("network %q: MTU %d out of range", n.Name, n.MTU)
 		}
+		if err := n.Gateway.validate(); err != nil {
+			return fmt.Errorf("network %q: gateway: %w", n.Name, err)
+		}
 		nets[n.Name] = n
 		vnis[n.VNI] = n.Name
 	}
@@ -221,17 +250,28 @@ func (s *HostState) validate(prefix string) error {
 			return fmt.Errorf("UnderlayDev: %w", err)
 		}
 	}
+	if s.Uplink != "" {
+		if err := validIfName(s.Uplink); err != nil {
+			return fmt.Errorf("Uplink: %w", err)
+		}
+	}
 	ours := func(name string) bool {
 		for _, n := range s.Networks {
-			if name == bridgeName(prefix, n.VNI) || name == vxlanName(prefix, n.VNI) {
+			switch name {
+			case bridgeName(prefix, n.VNI), vxlanName(prefix, n.VNI), gwPortName(prefix, n.VNI), gwWanName(prefix, n.VNI):
 				return true
 			}
 		}
-		return false
+		return name == ifbName(prefix) || len(name) == len(prefix)+9 && name[:len(prefix)+1] == prefix+"e"
 	}
 	names := map[string]bool{}
 	taps := map[string]bool{}
 	macs := map[string]string{} // network/MAC -> owner
+	for _, n := range s.Networks {
+		if n.Gateway != nil {
+			macs[n.Name+"/"+n.Gateway.MAC.String()] = "the gateway"
+		}
+	}
 	for _, p := range s.Ports {
 		if p.Name == "" {
 			return errors.New("port with empty name")
@@ -269,6 +309,9 @@ func (s *HostState) validate(prefix string) error {
 		if p.Policy.Isolated && p.Policy.Promiscuous {
 			return fmt.Errorf("port %q: a port cannot be both isolated and promiscuous", p.Name)
 		}
+		if p.Policy.MinBps != 0 && p.Policy.MaxBps != 0 && p.Policy.MinBps > p.Policy.MaxBps {
+			return fmt.Errorf("port %q: MinBps %d above MaxBps %d", p.Name, p.Policy.MinBps, p.Policy.MaxBps)
+		}
 		ids := map[string]bool{}
 		for i, r := range p.Policy.ACL {
 			if len(r.ID) > 64 || !aclIDRE.MatchString(aclID(r, i)) {
@@ -282,6 +325,13 @@ func (s *HostState) validate(prefix string) error {
 				return fmt.Errorf("port %q: ACL rule id %q used twice", p.Name, id)
 			}
 			ids[id] = true
+		}
+	}
+	for _, p := range s.Ports {
+		if m := p.Policy.MirrorTo; m != "" {
+			if m == p.Name || !names[m] {
+				return fmt.Errorf("port %q: mirror target %q is not another port of this host", p.Name, m)
+			}
 		}
 	}
 	for i, r := range s.Remote {
@@ -308,6 +358,29 @@ func (s *HostState) validate(prefix string) error {
 		for _, ip := range r.IPs {
 			if !ip.IsValid() || ip.Zone() != "" {
 				return fmt.Errorf("remote port %s: invalid IP %v", r.MAC, ip)
+			}
+		}
+	}
+	return nil
+}
+
+func (g *Gateway) validate() error {
+	if g == nil {
+		return nil
+	}
+	if err := validMAC(g.MAC); err != nil {
+		return err
+	}
+	if len(g.Addrs) == 0 {
+		return errors.New("no address")
+	}
+	for i, a := range g.Addrs {
+		if !a.IsValid() || a.Addr().Zone() != "" {
+			return fmt.Errorf("invalid address %v", a)
+		}
+		for _, b := range g.Addrs[:i] {
+			if a.Masked().Overlaps(b.Masked()) {
+				return fmt.Errorf("addresses %v and %v are in overlapping subnets", b, a)
 			}
 		}
 	}

@@ -80,7 +80,7 @@ from --endpoint, else $BASALT_ENDPOINT, else the client config that 'basalt up' 
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
 		return usageError{fmt.Errorf("%v (see '%s --help')", err, cmd.CommandPath())}
 	})
-	root.AddCommand(a.upCmd(), a.nodeCmd(), a.clusterCmd(), a.volumeCmd(), a.poolCmd(), a.versionCmd())
+	root.AddCommand(a.upCmd(), a.nodeCmd(), a.clusterCmd(), a.volumeCmd(), a.poolCmd(), a.netCmd(), a.portCmd(), a.versionCmd())
 	root.AddCommand(a.checkpointCmd())
 	root.AddCommand(a.backupCmd())
 	// Unknown subcommands are usage errors too; cobra reports them from Args validation.

@@ -1,14 +1,15 @@
-// Command netd is Basalt's per-host network agent. In this build it joins the cluster (registration on an etcd lease, heartbeat) and serves gRPC health; the virtual switch plugs into the node it starts.
+// Command netd is Basalt's per-host network agent: it programs the host's virtual switch (a bridge and a VXLAN
+// device per virtual network, a tap per VM NIC, per-port policy in nftables) from the networks and ports
+// declared in etcd, and keeps it converged. See docs/netd.md.
 package main
 
 import (
 	"os"
 
-	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
-
-	"github.com/basalt-hv/basalt/internal/node"
+	"github.com/basalt-hv/basalt/netd/daemon"
 )
 
 func main() {
-	os.Exit(node.Daemon{Kind: basaltv1.NodeKind_NODE_KIND_NETD, DefaultListen: "127.0.0.1:7440"}.Main(os.Args[1:]))
+	var c daemon.Config
+	os.Exit(daemon.Daemon(&c).Main(os.Args[1:]))
 }

@@ -9,6 +9,7 @@ package basaltv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -21,16 +22,179 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type AclDirection int32
+
+const (
+	AclDirection_ACL_DIRECTION_UNSPECIFIED AclDirection = 0
+	// Frames delivered to the VM; the CIDR is their source.
+	AclDirection_ACL_DIRECTION_IN AclDirection = 1
+	// Frames sent by the VM; the CIDR is their destination.
+	AclDirection_ACL_DIRECTION_OUT AclDirection = 2
+)
+
+// Enum value maps for AclDirection.
+var (
+	AclDirection_name = map[int32]string{
+		0: "ACL_DIRECTION_UNSPECIFIED",
+		1: "ACL_DIRECTION_IN",
+		2: "ACL_DIRECTION_OUT",
+	}
+	AclDirection_value = map[string]int32{
+		"ACL_DIRECTION_UNSPECIFIED": 0,
+		"ACL_DIRECTION_IN":          1,
+		"ACL_DIRECTION_OUT":         2,
+	}
+)
+
+func (x AclDirection) Enum() *AclDirection {
+	p := new(AclDirection)
+	*p = x
+	return p
+}
+
+func (x AclDirection) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AclDirection) Descriptor() protoreflect.EnumDescriptor {
+	return file_basalt_v1_network_proto_enumTypes[0].Descriptor()
+}
+
+func (AclDirection) Type() protoreflect.EnumType {
+	return &file_basalt_v1_network_proto_enumTypes[0]
+}
+
+func (x AclDirection) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AclDirection.Descriptor instead.
+func (AclDirection) EnumDescriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{0}
+}
+
+type AclAction int32
+
+const (
+	AclAction_ACL_ACTION_UNSPECIFIED AclAction = 0
+	AclAction_ACL_ACTION_ALLOW       AclAction = 1
+	AclAction_ACL_ACTION_DENY        AclAction = 2
+)
+
+// Enum value maps for AclAction.
+var (
+	AclAction_name = map[int32]string{
+		0: "ACL_ACTION_UNSPECIFIED",
+		1: "ACL_ACTION_ALLOW",
+		2: "ACL_ACTION_DENY",
+	}
+	AclAction_value = map[string]int32{
+		"ACL_ACTION_UNSPECIFIED": 0,
+		"ACL_ACTION_ALLOW":       1,
+		"ACL_ACTION_DENY":        2,
+	}
+)
+
+func (x AclAction) Enum() *AclAction {
+	p := new(AclAction)
+	*p = x
+	return p
+}
+
+func (x AclAction) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AclAction) Descriptor() protoreflect.EnumDescriptor {
+	return file_basalt_v1_network_proto_enumTypes[1].Descriptor()
+}
+
+func (AclAction) Type() protoreflect.EnumType {
+	return &file_basalt_v1_network_proto_enumTypes[1]
+}
+
+func (x AclAction) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AclAction.Descriptor instead.
+func (AclAction) EnumDescriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{1}
+}
+
+type AclProtocol int32
+
+const (
+	// Any IPv4/IPv6 packet.
+	AclProtocol_ACL_PROTOCOL_ANY AclProtocol = 0
+	AclProtocol_ACL_PROTOCOL_TCP AclProtocol = 1
+	AclProtocol_ACL_PROTOCOL_UDP AclProtocol = 2
+	// ICMP for IPv4, ICMPv6 for IPv6.
+	AclProtocol_ACL_PROTOCOL_ICMP AclProtocol = 3
+)
+
+// Enum value maps for AclProtocol.
+var (
+	AclProtocol_name = map[int32]string{
+		0: "ACL_PROTOCOL_ANY",
+		1: "ACL_PROTOCOL_TCP",
+		2: "ACL_PROTOCOL_UDP",
+		3: "ACL_PROTOCOL_ICMP",
+	}
+	AclProtocol_value = map[string]int32{
+		"ACL_PROTOCOL_ANY":  0,
+		"ACL_PROTOCOL_TCP":  1,
+		"ACL_PROTOCOL_UDP":  2,
+		"ACL_PROTOCOL_ICMP": 3,
+	}
+)
+
+func (x AclProtocol) Enum() *AclProtocol {
+	p := new(AclProtocol)
+	*p = x
+	return p
+}
+
+func (x AclProtocol) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AclProtocol) Descriptor() protoreflect.EnumDescriptor {
+	return file_basalt_v1_network_proto_enumTypes[2].Descriptor()
+}
+
+func (AclProtocol) Type() protoreflect.EnumType {
+	return &file_basalt_v1_network_proto_enumTypes[2]
+}
+
+func (x AclProtocol) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AclProtocol.Descriptor instead.
+func (AclProtocol) EnumDescriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{2}
+}
+
 type Network struct {
-	state  protoimpl.MessageState `protogen:"open.v1"`
-	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Tenant string                 `protobuf:"bytes,2,opt,name=tenant,proto3" json:"tenant,omitempty"`
-	// VXLAN network identifier, unique in the cluster.
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1 to 63 characters of a-z, 0-9, '-', '_', '.'; unique in the cluster.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The tenant the network belongs to: a label for operators. Isolation comes from the VNI, so two tenants'
+	// networks may use the same addresses.
+	Tenant string `protobuf:"bytes,2,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// VXLAN network identifier (1 to 16777215), unique in the cluster. 0 on create: the lowest free one.
 	Vni uint32 `protobuf:"varint,3,opt,name=vni,proto3" json:"vni,omitempty"`
-	// CIDR prefixes, for example "10.0.0.0/24".
+	// CIDR prefixes, IPv4 or IPv6, for example "10.0.0.0/24"; they may not overlap. Port addresses must lie in
+	// one of them (when there are any).
 	Subnets []string `protobuf:"bytes,4,rep,name=subnets,proto3" json:"subnets,omitempty"`
-	// Address of the network's gateway, empty for none.
-	Gateway       string `protobuf:"bytes,5,opt,name=gateway,proto3" json:"gateway,omitempty"`
+	// Absent: no gateway.
+	Gateway *Gateway `protobuf:"bytes,6,opt,name=gateway,proto3" json:"gateway,omitempty"`
+	// MTU of the tenant segment; 0 means the underlay's MTU minus the VXLAN overhead.
+	Mtu       uint32                 `protobuf:"varint,7,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// Revision of the network's record (output only).
+	Revision      int64 `protobuf:"varint,9,opt,name=revision,proto3" json:"revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -93,9 +257,97 @@ func (x *Network) GetSubnets() []string {
 	return nil
 }
 
-func (x *Network) GetGateway() string {
+func (x *Network) GetGateway() *Gateway {
 	if x != nil {
 		return x.Gateway
+	}
+	return nil
+}
+
+func (x *Network) GetMtu() uint32 {
+	if x != nil {
+		return x.Mtu
+	}
+	return 0
+}
+
+func (x *Network) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Network) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+// Gateway is a router for the network: a namespace on every host that has ports of the network, with the same
+// addresses and MAC everywhere (a distributed gateway), that routes between the network's subnets and, with
+// nat, masquerades traffic to the outside through the host's uplink.
+type Gateway struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The gateway's address in each subnet (the VMs' default router), one per subnet at most. Empty on create:
+	// the first host address of every subnet (10.0.0.1 in 10.0.0.0/24, fd00::1 in fd00::/64).
+	Addresses []string `protobuf:"bytes,1,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	// Masquerade IPv4 traffic leaving the network to the host's uplink address.
+	Nat bool `protobuf:"varint,2,opt,name=nat,proto3" json:"nat,omitempty"`
+	// The gateway's MAC (output only): derived from the VNI, identical on every host.
+	Mac           string `protobuf:"bytes,3,opt,name=mac,proto3" json:"mac,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Gateway) Reset() {
+	*x = Gateway{}
+	mi := &file_basalt_v1_network_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Gateway) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Gateway) ProtoMessage() {}
+
+func (x *Gateway) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_network_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Gateway.ProtoReflect.Descriptor instead.
+func (*Gateway) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Gateway) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+func (x *Gateway) GetNat() bool {
+	if x != nil {
+		return x.Nat
+	}
+	return false
+}
+
+func (x *Gateway) GetMac() string {
+	if x != nil {
+		return x.Mac
 	}
 	return ""
 }
@@ -103,18 +355,29 @@ func (x *Network) GetGateway() string {
 type Port struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Network string                 `protobuf:"bytes,1,opt,name=network,proto3" json:"network,omitempty"`
-	Name    string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	Mac     string                 `protobuf:"bytes,3,opt,name=mac,proto3" json:"mac,omitempty"`
-	Ips     []string               `protobuf:"bytes,4,rep,name=ips,proto3" json:"ips,omitempty"`
-	// Node ID of the host the port currently lives on.
-	Host          string `protobuf:"bytes,5,opt,name=host,proto3" json:"host,omitempty"`
+	// 1 to 63 characters of a-z, 0-9, '-', '_', '.'; unique in its network.
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// Unicast Ethernet address, unique in the network. Empty on create: a random 52:54:00:xx:xx:xx.
+	Mac string `protobuf:"bytes,3,opt,name=mac,proto3" json:"mac,omitempty"`
+	// Addresses of the port (IPv4 and/or IPv6), each inside one of the network's subnets and unique in the
+	// network. The spoofing guard lets the VM use only these.
+	Ips []string `protobuf:"bytes,4,rep,name=ips,proto3" json:"ips,omitempty"`
+	// Node ID of the netd on the host the port currently lives on; empty: nowhere (declared, not plugged).
+	Host   string      `protobuf:"bytes,5,opt,name=host,proto3" json:"host,omitempty"`
+	Policy *PortPolicy `protobuf:"bytes,6,opt,name=policy,proto3" json:"policy,omitempty"`
+	// Name of the host-side interface (the tap the hypervisor attaches to), unique in the cluster. Empty on
+	// create: "bt" followed by 8 hex digits derived from the network and port names.
+	Tap       string                 `protobuf:"bytes,7,opt,name=tap,proto3" json:"tap,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// Revision of the port's record (output only); pass it in UpdatePortRequest to make the update conditional.
+	Revision      int64 `protobuf:"varint,9,opt,name=revision,proto3" json:"revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Port) Reset() {
 	*x = Port{}
-	mi := &file_basalt_v1_network_proto_msgTypes[1]
+	mi := &file_basalt_v1_network_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -126,7 +389,7 @@ func (x *Port) String() string {
 func (*Port) ProtoMessage() {}
 
 func (x *Port) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[1]
+	mi := &file_basalt_v1_network_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -139,7 +402,7 @@ func (x *Port) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Port.ProtoReflect.Descriptor instead.
 func (*Port) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{1}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Port) GetNetwork() string {
@@ -177,6 +440,250 @@ func (x *Port) GetHost() string {
 	return ""
 }
 
+func (x *Port) GetPolicy() *PortPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+func (x *Port) GetTap() string {
+	if x != nil {
+		return x.Tap
+	}
+	return ""
+}
+
+func (x *Port) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Port) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+// PortPolicy is what netd enforces on a port's traffic (docs/netd.md).
+type PortPolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Drop frames whose source MAC/IP is not the port's, forged ARP and neighbour advertisements, and VLAN-tagged
+	// frames. Default (unset on create): on.
+	SpoofGuard *bool `protobuf:"varint,1,opt,name=spoof_guard,json=spoofGuard,proto3,oneof" json:"spoof_guard,omitempty"`
+	// Drop DHCP and DHCPv6 server replies and IPv6 router advertisements sent by the VM. Default: on.
+	DhcpGuard *bool `protobuf:"varint,2,opt,name=dhcp_guard,json=dhcpGuard,proto3,oneof" json:"dhcp_guard,omitempty"`
+	// Isolated ports talk only to promiscuous ports (and the gateway), PVLAN-like.
+	Isolated bool `protobuf:"varint,3,opt,name=isolated,proto3" json:"isolated,omitempty"`
+	// Promiscuous ports talk to every port, isolated or not.
+	Promiscuous bool `protobuf:"varint,4,opt,name=promiscuous,proto3" json:"promiscuous,omitempty"`
+	// Stateless filter rules, first match wins; no match means allowed.
+	Acl []*AclRule `protobuf:"bytes,5,rep,name=acl,proto3" json:"acl,omitempty"`
+	// Copy every frame the port sends and receives to this port of the same network (on the same host).
+	MirrorTo string `protobuf:"bytes,6,opt,name=mirror_to,json=mirrorTo,proto3" json:"mirror_to,omitempty"`
+	// Bandwidth cap in bits per second for what the VM sends and, separately, for what it receives; 0: none.
+	BandwidthMaxBps uint64 `protobuf:"varint,7,opt,name=bandwidth_max_bps,json=bandwidthMaxBps,proto3" json:"bandwidth_max_bps,omitempty"`
+	// Share of the host's uplink guaranteed to what the VM sends, in bits per second; 0: none.
+	BandwidthMinBps uint64 `protobuf:"varint,8,opt,name=bandwidth_min_bps,json=bandwidthMinBps,proto3" json:"bandwidth_min_bps,omitempty"`
+	// Name of an extension (an external filter process configured on netd) placed in the port's path; empty:
+	// none.
+	Extension     string `protobuf:"bytes,9,opt,name=extension,proto3" json:"extension,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PortPolicy) Reset() {
+	*x = PortPolicy{}
+	mi := &file_basalt_v1_network_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PortPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PortPolicy) ProtoMessage() {}
+
+func (x *PortPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_network_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PortPolicy.ProtoReflect.Descriptor instead.
+func (*PortPolicy) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *PortPolicy) GetSpoofGuard() bool {
+	if x != nil && x.SpoofGuard != nil {
+		return *x.SpoofGuard
+	}
+	return false
+}
+
+func (x *PortPolicy) GetDhcpGuard() bool {
+	if x != nil && x.DhcpGuard != nil {
+		return *x.DhcpGuard
+	}
+	return false
+}
+
+func (x *PortPolicy) GetIsolated() bool {
+	if x != nil {
+		return x.Isolated
+	}
+	return false
+}
+
+func (x *PortPolicy) GetPromiscuous() bool {
+	if x != nil {
+		return x.Promiscuous
+	}
+	return false
+}
+
+func (x *PortPolicy) GetAcl() []*AclRule {
+	if x != nil {
+		return x.Acl
+	}
+	return nil
+}
+
+func (x *PortPolicy) GetMirrorTo() string {
+	if x != nil {
+		return x.MirrorTo
+	}
+	return ""
+}
+
+func (x *PortPolicy) GetBandwidthMaxBps() uint64 {
+	if x != nil {
+		return x.BandwidthMaxBps
+	}
+	return 0
+}
+
+func (x *PortPolicy) GetBandwidthMinBps() uint64 {
+	if x != nil {
+		return x.BandwidthMinBps
+	}
+	return 0
+}
+
+func (x *PortPolicy) GetExtension() string {
+	if x != nil {
+		return x.Extension
+	}
+	return ""
+}
+
+// AclRule is one stateless rule. The CLI writes it as "[ID=]DIRECTION,ACTION,PROTOCOL[,CIDR[,PORTS]]".
+type AclRule struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Names the rule's counter; empty: the rule's position (0, 1, ...). 1 to 64 of A-Z a-z 0-9 _ . : -.
+	Id        string       `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Direction AclDirection `protobuf:"varint,2,opt,name=direction,proto3,enum=basalt.v1.AclDirection" json:"direction,omitempty"`
+	Action    AclAction    `protobuf:"varint,3,opt,name=action,proto3,enum=basalt.v1.AclAction" json:"action,omitempty"`
+	Protocol  AclProtocol  `protobuf:"varint,4,opt,name=protocol,proto3,enum=basalt.v1.AclProtocol" json:"protocol,omitempty"`
+	// Remote side (source for IN, destination for OUT); empty: any address of either family.
+	Cidr string `protobuf:"bytes,5,opt,name=cidr,proto3" json:"cidr,omitempty"`
+	// Destination port range for TCP/UDP; 0, 0: any port.
+	PortMin       uint32 `protobuf:"varint,6,opt,name=port_min,json=portMin,proto3" json:"port_min,omitempty"`
+	PortMax       uint32 `protobuf:"varint,7,opt,name=port_max,json=portMax,proto3" json:"port_max,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AclRule) Reset() {
+	*x = AclRule{}
+	mi := &file_basalt_v1_network_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AclRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AclRule) ProtoMessage() {}
+
+func (x *AclRule) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_network_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AclRule.ProtoReflect.Descriptor instead.
+func (*AclRule) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *AclRule) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *AclRule) GetDirection() AclDirection {
+	if x != nil {
+		return x.Direction
+	}
+	return AclDirection_ACL_DIRECTION_UNSPECIFIED
+}
+
+func (x *AclRule) GetAction() AclAction {
+	if x != nil {
+		return x.Action
+	}
+	return AclAction_ACL_ACTION_UNSPECIFIED
+}
+
+func (x *AclRule) GetProtocol() AclProtocol {
+	if x != nil {
+		return x.Protocol
+	}
+	return AclProtocol_ACL_PROTOCOL_ANY
+}
+
+func (x *AclRule) GetCidr() string {
+	if x != nil {
+		return x.Cidr
+	}
+	return ""
+}
+
+func (x *AclRule) GetPortMin() uint32 {
+	if x != nil {
+		return x.PortMin
+	}
+	return 0
+}
+
+func (x *AclRule) GetPortMax() uint32 {
+	if x != nil {
+		return x.PortMax
+	}
+	return 0
+}
+
 type CreateNetworkRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Network       *Network               `protobuf:"bytes,1,opt,name=network,proto3" json:"network,omitempty"`
@@ -186,7 +693,7 @@ type CreateNetworkRequest struct {
 
 func (x *CreateNetworkRequest) Reset() {
 	*x = CreateNetworkRequest{}
-	mi := &file_basalt_v1_network_proto_msgTypes[2]
+	mi := &file_basalt_v1_network_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -198,7 +705,7 @@ func (x *CreateNetworkRequest) String() string {
 func (*CreateNetworkRequest) ProtoMessage() {}
 
 func (x *CreateNetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[2]
+	mi := &file_basalt_v1_network_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -211,7 +718,7 @@ func (x *CreateNetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateNetworkRequest.ProtoReflect.Descriptor instead.
 func (*CreateNetworkRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{2}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateNetworkRequest) GetNetwork() *Network {
@@ -230,7 +737,7 @@ type GetNetworkRequest struct {
 
 func (x *GetNetworkRequest) Reset() {
 	*x = GetNetworkRequest{}
-	mi := &file_basalt_v1_network_proto_msgTypes[3]
+	mi := &file_basalt_v1_network_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -242,7 +749,7 @@ func (x *GetNetworkRequest) String() string {
 func (*GetNetworkRequest) ProtoMessage() {}
 
 func (x *GetNetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[3]
+	mi := &file_basalt_v1_network_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -255,7 +762,7 @@ func (x *GetNetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNetworkRequest.ProtoReflect.Descriptor instead.
 func (*GetNetworkRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{3}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetNetworkRequest) GetName() string {
@@ -266,14 +773,16 @@ func (x *GetNetworkRequest) GetName() string {
 }
 
 type ListNetworksRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only the networks of this tenant; empty: all.
+	Tenant        string `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListNetworksRequest) Reset() {
 	*x = ListNetworksRequest{}
-	mi := &file_basalt_v1_network_proto_msgTypes[4]
+	mi := &file_basalt_v1_network_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -285,7 +794,7 @@ func (x *ListNetworksRequest) String() string {
 func (*ListNetworksRequest) ProtoMessage() {}
 
 func (x *ListNetworksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[4]
+	mi := &file_basalt_v1_network_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -298,7 +807,14 @@ func (x *ListNetworksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNetworksRequest.ProtoReflect.Descriptor instead.
 func (*ListNetworksRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{4}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ListNetworksRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
 }
 
 type ListNetworksResponse struct {
@@ -310,7 +826,7 @@ type ListNetworksResponse struct {
 
 func (x *ListNetworksResponse) Reset() {
 	*x = ListNetworksResponse{}
-	mi := &file_basalt_v1_network_proto_msgTypes[5]
+	mi := &file_basalt_v1_network_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -322,7 +838,7 @@ func (x *ListNetworksResponse) String() string {
 func (*ListNetworksResponse) ProtoMessage() {}
 
 func (x *ListNetworksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[5]
+	mi := &file_basalt_v1_network_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -335,7 +851,7 @@ func (x *ListNetworksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNetworksResponse.ProtoReflect.Descriptor instead.
 func (*ListNetworksResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{5}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListNetworksResponse) GetNetworks() []*Network {
@@ -354,7 +870,7 @@ type DeleteNetworkRequest struct {
 
 func (x *DeleteNetworkRequest) Reset() {
 	*x = DeleteNetworkRequest{}
-	mi := &file_basalt_v1_network_proto_msgTypes[6]
+	mi := &file_basalt_v1_network_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -366,7 +882,7 @@ func (x *DeleteNetworkRequest) String() string {
 func (*DeleteNetworkRequest) ProtoMessage() {}
 
 func (x *DeleteNetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[6]
+	mi := &file_basalt_v1_network_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -379,7 +895,7 @@ func (x *DeleteNetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNetworkRequest.ProtoReflect.Descriptor instead.
 func (*DeleteNetworkRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{6}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DeleteNetworkRequest) GetName() string {
@@ -397,7 +913,7 @@ type DeleteNetworkResponse struct {
 
 func (x *DeleteNetworkResponse) Reset() {
 	*x = DeleteNetworkResponse{}
-	mi := &file_basalt_v1_network_proto_msgTypes[7]
+	mi := &file_basalt_v1_network_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -409,7 +925,7 @@ func (x *DeleteNetworkResponse) String() string {
 func (*DeleteNetworkResponse) ProtoMessage() {}
 
 func (x *DeleteNetworkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[7]
+	mi := &file_basalt_v1_network_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -422,7 +938,7 @@ func (x *DeleteNetworkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNetworkResponse.ProtoReflect.Descriptor instead.
 func (*DeleteNetworkResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{7}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{10}
 }
 
 type CreatePortRequest struct {
@@ -434,7 +950,7 @@ type CreatePortRequest struct {
 
 func (x *CreatePortRequest) Reset() {
 	*x = CreatePortRequest{}
-	mi := &file_basalt_v1_network_proto_msgTypes[8]
+	mi := &file_basalt_v1_network_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -446,7 +962,7 @@ func (x *CreatePortRequest) String() string {
 func (*CreatePortRequest) ProtoMessage() {}
 
 func (x *CreatePortRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[8]
+	mi := &file_basalt_v1_network_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -459,7 +975,7 @@ func (x *CreatePortRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreatePortRequest.ProtoReflect.Descriptor instead.
 func (*CreatePortRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{8}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CreatePortRequest) GetPort() *Port {
@@ -469,16 +985,71 @@ func (x *CreatePortRequest) GetPort() *Port {
 	return nil
 }
 
-type ListPortsRequest struct {
+type GetPortRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Network       string                 `protobuf:"bytes,1,opt,name=network,proto3" json:"network,omitempty"`
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetPortRequest) Reset() {
+	*x = GetPortRequest{}
+	mi := &file_basalt_v1_network_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetPortRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetPortRequest) ProtoMessage() {}
+
+func (x *GetPortRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_network_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetPortRequest.ProtoReflect.Descriptor instead.
+func (*GetPortRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *GetPortRequest) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *GetPortRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ListPortsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only the ports of this network; empty: all.
+	Network string `protobuf:"bytes,1,opt,name=network,proto3" json:"network,omitempty"`
+	// Only the ports bound to this host; empty: all.
+	Host          string `protobuf:"bytes,2,opt,name=host,proto3" json:"host,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListPortsRequest) Reset() {
 	*x = ListPortsRequest{}
-	mi := &file_basalt_v1_network_proto_msgTypes[9]
+	mi := &file_basalt_v1_network_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -490,7 +1061,7 @@ func (x *ListPortsRequest) String() string {
 func (*ListPortsRequest) ProtoMessage() {}
 
 func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[9]
+	mi := &file_basalt_v1_network_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -503,12 +1074,19 @@ func (x *ListPortsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPortsRequest.ProtoReflect.Descriptor instead.
 func (*ListPortsRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{9}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListPortsRequest) GetNetwork() string {
 	if x != nil {
 		return x.Network
+	}
+	return ""
+}
+
+func (x *ListPortsRequest) GetHost() string {
+	if x != nil {
+		return x.Host
 	}
 	return ""
 }
@@ -522,7 +1100,7 @@ type ListPortsResponse struct {
 
 func (x *ListPortsResponse) Reset() {
 	*x = ListPortsResponse{}
-	mi := &file_basalt_v1_network_proto_msgTypes[10]
+	mi := &file_basalt_v1_network_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -534,7 +1112,7 @@ func (x *ListPortsResponse) String() string {
 func (*ListPortsResponse) ProtoMessage() {}
 
 func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[10]
+	mi := &file_basalt_v1_network_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -547,7 +1125,7 @@ func (x *ListPortsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPortsResponse.ProtoReflect.Descriptor instead.
 func (*ListPortsResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{10}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListPortsResponse) GetPorts() []*Port {
@@ -555,6 +1133,60 @@ func (x *ListPortsResponse) GetPorts() []*Port {
 		return x.Ports
 	}
 	return nil
+}
+
+type UpdatePortRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The port's new state, identified by network and name.
+	Port *Port `protobuf:"bytes,1,opt,name=port,proto3" json:"port,omitempty"`
+	// If non-zero, the update applies only if the port's record is still at this revision (ABORTED otherwise).
+	Revision      int64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdatePortRequest) Reset() {
+	*x = UpdatePortRequest{}
+	mi := &file_basalt_v1_network_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdatePortRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdatePortRequest) ProtoMessage() {}
+
+func (x *UpdatePortRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_network_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdatePortRequest.ProtoReflect.Descriptor instead.
+func (*UpdatePortRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *UpdatePortRequest) GetPort() *Port {
+	if x != nil {
+		return x.Port
+	}
+	return nil
+}
+
+func (x *UpdatePortRequest) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
 }
 
 type DeletePortRequest struct {
@@ -567,7 +1199,7 @@ type DeletePortRequest struct {
 
 func (x *DeletePortRequest) Reset() {
 	*x = DeletePortRequest{}
-	mi := &file_basalt_v1_network_proto_msgTypes[11]
+	mi := &file_basalt_v1_network_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -579,7 +1211,7 @@ func (x *DeletePortRequest) String() string {
 func (*DeletePortRequest) ProtoMessage() {}
 
 func (x *DeletePortRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[11]
+	mi := &file_basalt_v1_network_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -592,7 +1224,7 @@ func (x *DeletePortRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePortRequest.ProtoReflect.Descriptor instead.
 func (*DeletePortRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{11}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DeletePortRequest) GetNetwork() string {
@@ -617,7 +1249,7 @@ type DeletePortResponse struct {
 
 func (x *DeletePortResponse) Reset() {
 	*x = DeletePortResponse{}
-	mi := &file_basalt_v1_network_proto_msgTypes[12]
+	mi := &file_basalt_v1_network_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -629,7 +1261,7 @@ func (x *DeletePortResponse) String() string {
 func (*DeletePortResponse) ProtoMessage() {}
 
 func (x *DeletePortResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_network_proto_msgTypes[12]
+	mi := &file_basalt_v1_network_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -642,46 +1274,473 @@ func (x *DeletePortResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePortResponse.ProtoReflect.Descriptor instead.
 func (*DeletePortResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_network_proto_rawDescGZIP(), []int{12}
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{17}
+}
+
+type GetPortCountersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Network       string                 `protobuf:"bytes,1,opt,name=network,proto3" json:"network,omitempty"`
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetPortCountersRequest) Reset() {
+	*x = GetPortCountersRequest{}
+	mi := &file_basalt_v1_network_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetPortCountersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetPortCountersRequest) ProtoMessage() {}
+
+func (x *GetPortCountersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_network_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetPortCountersRequest.ProtoReflect.Descriptor instead.
+func (*GetPortCountersRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *GetPortCountersRequest) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *GetPortCountersRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type Counter struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Packets       uint64                 `protobuf:"varint,1,opt,name=packets,proto3" json:"packets,omitempty"`
+	Bytes         uint64                 `protobuf:"varint,2,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Counter) Reset() {
+	*x = Counter{}
+	mi := &file_basalt_v1_network_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Counter) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Counter) ProtoMessage() {}
+
+func (x *Counter) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_network_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Counter.ProtoReflect.Descriptor instead.
+func (*Counter) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *Counter) GetPackets() uint64 {
+	if x != nil {
+		return x.Packets
+	}
+	return 0
+}
+
+func (x *Counter) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+type AclCounter struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Packets       uint64                 `protobuf:"varint,2,opt,name=packets,proto3" json:"packets,omitempty"`
+	Bytes         uint64                 `protobuf:"varint,3,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AclCounter) Reset() {
+	*x = AclCounter{}
+	mi := &file_basalt_v1_network_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AclCounter) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AclCounter) ProtoMessage() {}
+
+func (x *AclCounter) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_network_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AclCounter.ProtoReflect.Descriptor instead.
+func (*AclCounter) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *AclCounter) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *AclCounter) GetPackets() uint64 {
+	if x != nil {
+		return x.Packets
+	}
+	return 0
+}
+
+func (x *AclCounter) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+// PortCounters are counted in the kernel of the port's host since the port arrived there; they survive netd
+// restarts, not moves.
+type PortCounters struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Network string                 `protobuf:"bytes,1,opt,name=network,proto3" json:"network,omitempty"`
+	Name    string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// The node the counters were read on.
+	Host string `protobuf:"bytes,3,opt,name=host,proto3" json:"host,omitempty"`
+	// Frames dropped by the spoofing guard, the DHCP guard and port isolation.
+	SpoofDrops     *Counter `protobuf:"bytes,4,opt,name=spoof_drops,json=spoofDrops,proto3" json:"spoof_drops,omitempty"`
+	DhcpDrops      *Counter `protobuf:"bytes,5,opt,name=dhcp_drops,json=dhcpDrops,proto3" json:"dhcp_drops,omitempty"`
+	IsolationDrops *Counter `protobuf:"bytes,6,opt,name=isolation_drops,json=isolationDrops,proto3" json:"isolation_drops,omitempty"`
+	// One counter per ACL rule (matches, whatever the action).
+	Acl []*AclCounter `protobuf:"bytes,7,rep,name=acl,proto3" json:"acl,omitempty"`
+	// Traffic of the port's host-side interface: what the VM sent and what was delivered to it.
+	FromVm        *Counter `protobuf:"bytes,8,opt,name=from_vm,json=fromVm,proto3" json:"from_vm,omitempty"`
+	ToVm          *Counter `protobuf:"bytes,9,opt,name=to_vm,json=toVm,proto3" json:"to_vm,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PortCounters) Reset() {
+	*x = PortCounters{}
+	mi := &file_basalt_v1_network_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PortCounters) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PortCounters) ProtoMessage() {}
+
+func (x *PortCounters) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_network_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PortCounters.ProtoReflect.Descriptor instead.
+func (*PortCounters) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *PortCounters) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *PortCounters) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *PortCounters) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *PortCounters) GetSpoofDrops() *Counter {
+	if x != nil {
+		return x.SpoofDrops
+	}
+	return nil
+}
+
+func (x *PortCounters) GetDhcpDrops() *Counter {
+	if x != nil {
+		return x.DhcpDrops
+	}
+	return nil
+}
+
+func (x *PortCounters) GetIsolationDrops() *Counter {
+	if x != nil {
+		return x.IsolationDrops
+	}
+	return nil
+}
+
+func (x *PortCounters) GetAcl() []*AclCounter {
+	if x != nil {
+		return x.Acl
+	}
+	return nil
+}
+
+func (x *PortCounters) GetFromVm() *Counter {
+	if x != nil {
+		return x.FromVm
+	}
+	return nil
+}
+
+func (x *PortCounters) GetToVm() *Counter {
+	if x != nil {
+		return x.ToVm
+	}
+	return nil
+}
+
+// NetdHost is what a netd publishes about its host (key /basalt/v1/netd/hosts/<node>): where the other hosts
+// send its ports' VXLAN traffic. It is not on a lease, so a netd restart does not make the other hosts forget
+// the host's ports.
+type NetdHost struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// The host's VXLAN tunnel endpoint address on the underlay.
+	UnderlayAddress string                 `protobuf:"bytes,2,opt,name=underlay_address,json=underlayAddress,proto3" json:"underlay_address,omitempty"`
+	UpdatedAt       *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *NetdHost) Reset() {
+	*x = NetdHost{}
+	mi := &file_basalt_v1_network_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetdHost) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetdHost) ProtoMessage() {}
+
+func (x *NetdHost) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_network_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetdHost.ProtoReflect.Descriptor instead.
+func (*NetdHost) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_network_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *NetdHost) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *NetdHost) GetUnderlayAddress() string {
+	if x != nil {
+		return x.UnderlayAddress
+	}
+	return ""
+}
+
+func (x *NetdHost) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
 }
 
 var File_basalt_v1_network_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_network_proto_rawDesc = "" +
 	"\n" +
-	"\x17basalt/v1/network.proto\x12\tbasalt.v1\"{\n" +
+	"\x17basalt/v1/network.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfe\x01\n" +
 	"\aNetwork\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x10\n" +
 	"\x03vni\x18\x03 \x01(\rR\x03vni\x12\x18\n" +
-	"\asubnets\x18\x04 \x03(\tR\asubnets\x12\x18\n" +
-	"\agateway\x18\x05 \x01(\tR\agateway\"l\n" +
+	"\asubnets\x18\x04 \x03(\tR\asubnets\x12,\n" +
+	"\agateway\x18\x06 \x01(\v2\x12.basalt.v1.GatewayR\agateway\x12\x10\n" +
+	"\x03mtu\x18\a \x01(\rR\x03mtu\x129\n" +
+	"\n" +
+	"created_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1a\n" +
+	"\brevision\x18\t \x01(\x03R\brevisionJ\x04\b\x05\x10\x06\"K\n" +
+	"\aGateway\x12\x1c\n" +
+	"\taddresses\x18\x01 \x03(\tR\taddresses\x12\x10\n" +
+	"\x03nat\x18\x02 \x01(\bR\x03nat\x12\x10\n" +
+	"\x03mac\x18\x03 \x01(\tR\x03mac\"\x84\x02\n" +
 	"\x04Port\x12\x18\n" +
 	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x10\n" +
 	"\x03mac\x18\x03 \x01(\tR\x03mac\x12\x10\n" +
 	"\x03ips\x18\x04 \x03(\tR\x03ips\x12\x12\n" +
-	"\x04host\x18\x05 \x01(\tR\x04host\"D\n" +
+	"\x04host\x18\x05 \x01(\tR\x04host\x12-\n" +
+	"\x06policy\x18\x06 \x01(\v2\x15.basalt.v1.PortPolicyR\x06policy\x12\x10\n" +
+	"\x03tap\x18\a \x01(\tR\x03tap\x129\n" +
+	"\n" +
+	"created_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1a\n" +
+	"\brevision\x18\t \x01(\x03R\brevision\"\xec\x02\n" +
+	"\n" +
+	"PortPolicy\x12$\n" +
+	"\vspoof_guard\x18\x01 \x01(\bH\x00R\n" +
+	"spoofGuard\x88\x01\x01\x12\"\n" +
+	"\n" +
+	"dhcp_guard\x18\x02 \x01(\bH\x01R\tdhcpGuard\x88\x01\x01\x12\x1a\n" +
+	"\bisolated\x18\x03 \x01(\bR\bisolated\x12 \n" +
+	"\vpromiscuous\x18\x04 \x01(\bR\vpromiscuous\x12$\n" +
+	"\x03acl\x18\x05 \x03(\v2\x12.basalt.v1.AclRuleR\x03acl\x12\x1b\n" +
+	"\tmirror_to\x18\x06 \x01(\tR\bmirrorTo\x12*\n" +
+	"\x11bandwidth_max_bps\x18\a \x01(\x04R\x0fbandwidthMaxBps\x12*\n" +
+	"\x11bandwidth_min_bps\x18\b \x01(\x04R\x0fbandwidthMinBps\x12\x1c\n" +
+	"\textension\x18\t \x01(\tR\textensionB\x0e\n" +
+	"\f_spoof_guardB\r\n" +
+	"\v_dhcp_guard\"\xfc\x01\n" +
+	"\aAclRule\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x125\n" +
+	"\tdirection\x18\x02 \x01(\x0e2\x17.basalt.v1.AclDirectionR\tdirection\x12,\n" +
+	"\x06action\x18\x03 \x01(\x0e2\x14.basalt.v1.AclActionR\x06action\x122\n" +
+	"\bprotocol\x18\x04 \x01(\x0e2\x16.basalt.v1.AclProtocolR\bprotocol\x12\x12\n" +
+	"\x04cidr\x18\x05 \x01(\tR\x04cidr\x12\x19\n" +
+	"\bport_min\x18\x06 \x01(\rR\aportMin\x12\x19\n" +
+	"\bport_max\x18\a \x01(\rR\aportMax\"D\n" +
 	"\x14CreateNetworkRequest\x12,\n" +
 	"\anetwork\x18\x01 \x01(\v2\x12.basalt.v1.NetworkR\anetwork\"'\n" +
 	"\x11GetNetworkRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x15\n" +
-	"\x13ListNetworksRequest\"F\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"-\n" +
+	"\x13ListNetworksRequest\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\"F\n" +
 	"\x14ListNetworksResponse\x12.\n" +
 	"\bnetworks\x18\x01 \x03(\v2\x12.basalt.v1.NetworkR\bnetworks\"*\n" +
 	"\x14DeleteNetworkRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x17\n" +
 	"\x15DeleteNetworkResponse\"8\n" +
 	"\x11CreatePortRequest\x12#\n" +
-	"\x04port\x18\x01 \x01(\v2\x0f.basalt.v1.PortR\x04port\",\n" +
+	"\x04port\x18\x01 \x01(\v2\x0f.basalt.v1.PortR\x04port\">\n" +
+	"\x0eGetPortRequest\x12\x18\n" +
+	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"@\n" +
 	"\x10ListPortsRequest\x12\x18\n" +
-	"\anetwork\x18\x01 \x01(\tR\anetwork\":\n" +
+	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x12\n" +
+	"\x04host\x18\x02 \x01(\tR\x04host\":\n" +
 	"\x11ListPortsResponse\x12%\n" +
-	"\x05ports\x18\x01 \x03(\v2\x0f.basalt.v1.PortR\x05ports\"A\n" +
+	"\x05ports\x18\x01 \x03(\v2\x0f.basalt.v1.PortR\x05ports\"T\n" +
+	"\x11UpdatePortRequest\x12#\n" +
+	"\x04port\x18\x01 \x01(\v2\x0f.basalt.v1.PortR\x04port\x12\x1a\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision\"A\n" +
 	"\x11DeletePortRequest\x12\x18\n" +
 	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\"\x14\n" +
-	"\x12DeletePortResponse2\x8b\x04\n" +
+	"\x12DeletePortResponse\"F\n" +
+	"\x16GetPortCountersRequest\x12\x18\n" +
+	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"9\n" +
+	"\aCounter\x12\x18\n" +
+	"\apackets\x18\x01 \x01(\x04R\apackets\x12\x14\n" +
+	"\x05bytes\x18\x02 \x01(\x04R\x05bytes\"L\n" +
+	"\n" +
+	"AclCounter\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
+	"\apackets\x18\x02 \x01(\x04R\apackets\x12\x14\n" +
+	"\x05bytes\x18\x03 \x01(\x04R\x05bytes\"\xf4\x02\n" +
+	"\fPortCounters\x12\x18\n" +
+	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
+	"\x04host\x18\x03 \x01(\tR\x04host\x123\n" +
+	"\vspoof_drops\x18\x04 \x01(\v2\x12.basalt.v1.CounterR\n" +
+	"spoofDrops\x121\n" +
+	"\n" +
+	"dhcp_drops\x18\x05 \x01(\v2\x12.basalt.v1.CounterR\tdhcpDrops\x12;\n" +
+	"\x0fisolation_drops\x18\x06 \x01(\v2\x12.basalt.v1.CounterR\x0eisolationDrops\x12'\n" +
+	"\x03acl\x18\a \x03(\v2\x15.basalt.v1.AclCounterR\x03acl\x12+\n" +
+	"\afrom_vm\x18\b \x01(\v2\x12.basalt.v1.CounterR\x06fromVm\x12'\n" +
+	"\x05to_vm\x18\t \x01(\v2\x12.basalt.v1.CounterR\x04toVm\"\x84\x01\n" +
+	"\bNetdHost\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12)\n" +
+	"\x10underlay_address\x18\x02 \x01(\tR\x0funderlayAddress\x129\n" +
+	"\n" +
+	"updated_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt*Z\n" +
+	"\fAclDirection\x12\x1d\n" +
+	"\x19ACL_DIRECTION_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10ACL_DIRECTION_IN\x10\x01\x12\x15\n" +
+	"\x11ACL_DIRECTION_OUT\x10\x02*R\n" +
+	"\tAclAction\x12\x1a\n" +
+	"\x16ACL_ACTION_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10ACL_ACTION_ALLOW\x10\x01\x12\x13\n" +
+	"\x0fACL_ACTION_DENY\x10\x02*f\n" +
+	"\vAclProtocol\x12\x14\n" +
+	"\x10ACL_PROTOCOL_ANY\x10\x00\x12\x14\n" +
+	"\x10ACL_PROTOCOL_TCP\x10\x01\x12\x14\n" +
+	"\x10ACL_PROTOCOL_UDP\x10\x02\x12\x15\n" +
+	"\x11ACL_PROTOCOL_ICMP\x10\x032\xce\x05\n" +
 	"\x0eNetworkService\x12D\n" +
 	"\rCreateNetwork\x12\x1f.basalt.v1.CreateNetworkRequest\x1a\x12.basalt.v1.Network\x12>\n" +
 	"\n" +
@@ -689,10 +1748,16 @@ const file_basalt_v1_network_proto_rawDesc = "" +
 	"\fListNetworks\x12\x1e.basalt.v1.ListNetworksRequest\x1a\x1f.basalt.v1.ListNetworksResponse\x12R\n" +
 	"\rDeleteNetwork\x12\x1f.basalt.v1.DeleteNetworkRequest\x1a .basalt.v1.DeleteNetworkResponse\x12;\n" +
 	"\n" +
-	"CreatePort\x12\x1c.basalt.v1.CreatePortRequest\x1a\x0f.basalt.v1.Port\x12F\n" +
-	"\tListPorts\x12\x1b.basalt.v1.ListPortsRequest\x1a\x1c.basalt.v1.ListPortsResponse\x12I\n" +
+	"CreatePort\x12\x1c.basalt.v1.CreatePortRequest\x1a\x0f.basalt.v1.Port\x125\n" +
+	"\aGetPort\x12\x19.basalt.v1.GetPortRequest\x1a\x0f.basalt.v1.Port\x12F\n" +
+	"\tListPorts\x12\x1b.basalt.v1.ListPortsRequest\x1a\x1c.basalt.v1.ListPortsResponse\x12;\n" +
 	"\n" +
-	"DeletePort\x12\x1c.basalt.v1.DeletePortRequest\x1a\x1d.basalt.v1.DeletePortResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
+	"UpdatePort\x12\x1c.basalt.v1.UpdatePortRequest\x1a\x0f.basalt.v1.Port\x12I\n" +
+	"\n" +
+	"DeletePort\x12\x1c.basalt.v1.DeletePortRequest\x1a\x1d.basalt.v1.DeletePortResponse\x12M\n" +
+	"\x0fGetPortCounters\x12!.basalt.v1.GetPortCountersRequest\x1a\x17.basalt.v1.PortCounters2\\\n" +
+	"\vNetdService\x12M\n" +
+	"\x0fGetPortCounters\x12!.basalt.v1.GetPortCountersRequest\x1a\x17.basalt.v1.PortCountersB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
 
 var (
 	file_basalt_v1_network_proto_rawDescOnce sync.Once
@@ -706,46 +1771,85 @@ func file_basalt_v1_network_proto_rawDescGZIP() []byte {
 	return file_basalt_v1_network_proto_rawDescData
 }
 
-var file_basalt_v1_network_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_basalt_v1_network_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_basalt_v1_network_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_basalt_v1_network_proto_goTypes = []any{
-	(*Network)(nil),               // 0: basalt.v1.Network
-	(*Port)(nil),                  // 1: basalt.v1.Port
-	(*CreateNetworkRequest)(nil),  // 2: basalt.v1.CreateNetworkRequest
-	(*GetNetworkRequest)(nil),     // 3: basalt.v1.GetNetworkRequest
-	(*ListNetworksRequest)(nil),   // 4: basalt.v1.ListNetworksRequest
-	(*ListNetworksResponse)(nil),  // 5: basalt.v1.ListNetworksResponse
-	(*DeleteNetworkRequest)(nil),  // 6: basalt.v1.DeleteNetworkRequest
-	(*DeleteNetworkResponse)(nil), // 7: basalt.v1.DeleteNetworkResponse
-	(*CreatePortRequest)(nil),     // 8: basalt.v1.CreatePortRequest
-	(*ListPortsRequest)(nil),      // 9: basalt.v1.ListPortsRequest
-	(*ListPortsResponse)(nil),     // 10: basalt.v1.ListPortsResponse
-	(*DeletePortRequest)(nil),     // 11: basalt.v1.DeletePortRequest
-	(*DeletePortResponse)(nil),    // 12: basalt.v1.DeletePortResponse
+	(AclDirection)(0),              // 0: basalt.v1.AclDirection
+	(AclAction)(0),                 // 1: basalt.v1.AclAction
+	(AclProtocol)(0),               // 2: basalt.v1.AclProtocol
+	(*Network)(nil),                // 3: basalt.v1.Network
+	(*Gateway)(nil),                // 4: basalt.v1.Gateway
+	(*Port)(nil),                   // 5: basalt.v1.Port
+	(*PortPolicy)(nil),             // 6: basalt.v1.PortPolicy
+	(*AclRule)(nil),                // 7: basalt.v1.AclRule
+	(*CreateNetworkRequest)(nil),   // 8: basalt.v1.CreateNetworkRequest
+	(*GetNetworkRequest)(nil),      // 9: basalt.v1.GetNetworkRequest
+	(*ListNetworksRequest)(nil),    // 10: basalt.v1.ListNetworksRequest
+	(*ListNetworksResponse)(nil),   // 11: basalt.v1.ListNetworksResponse
+	(*DeleteNetworkRequest)(nil),   // 12: basalt.v1.DeleteNetworkRequest
+	(*DeleteNetworkResponse)(nil),  // 13: basalt.v1.DeleteNetworkResponse
+	(*CreatePortRequest)(nil),      // 14: basalt.v1.CreatePortRequest
+	(*GetPortRequest)(nil),         // 15: basalt.v1.GetPortRequest
+	(*ListPortsRequest)(nil),       // 16: basalt.v1.ListPortsRequest
+	(*ListPortsResponse)(nil),      // 17: basalt.v1.ListPortsResponse
+	(*UpdatePortRequest)(nil),      // 18: basalt.v1.UpdatePortRequest
+	(*DeletePortRequest)(nil),      // 19: basalt.v1.DeletePortRequest
+	(*DeletePortResponse)(nil),     // 20: basalt.v1.DeletePortResponse
+	(*GetPortCountersRequest)(nil), // 21: basalt.v1.GetPortCountersRequest
+	(*Counter)(nil),                // 22: basalt.v1.Counter
+	(*AclCounter)(nil),             // 23: basalt.v1.AclCounter
+	(*PortCounters)(nil),           // 24: basalt.v1.PortCounters
+	(*NetdHost)(nil),               // 25: basalt.v1.NetdHost
+	(*timestamppb.Timestamp)(nil),  // 26: google.protobuf.Timestamp
 }
 var file_basalt_v1_network_proto_depIdxs = []int32{
-	0,  // 0: basalt.v1.CreateNetworkRequest.network:type_name -> basalt.v1.Network
-	0,  // 1: basalt.v1.ListNetworksResponse.networks:type_name -> basalt.v1.Network
-	1,  // 2: basalt.v1.CreatePortRequest.port:type_name -> basalt.v1.Port
-	1,  // 3: basalt.v1.ListPortsResponse.ports:type_name -> basalt.v1.Port
-	2,  // 4: basalt.v1.NetworkService.CreateNetwork:input_type -> basalt.v1.CreateNetworkRequest
-	3,  // 5: basalt.v1.NetworkService.GetNetwork:input_type -> basalt.v1.GetNetworkRequest
-	4,  // 6: basalt.v1.NetworkService.ListNetworks:input_type -> basalt.v1.ListNetworksRequest
-	6,  // 7: basalt.v1.NetworkService.DeleteNetwork:input_type -> basalt.v1.DeleteNetworkRequest
-	8,  // 8: basalt.v1.NetworkService.CreatePort:input_type -> basalt.v1.CreatePortRequest
-	9,  // 9: basalt.v1.NetworkService.ListPorts:input_type -> basalt.v1.ListPortsRequest
-	11, // 10: basalt.v1.NetworkService.DeletePort:input_type -> basalt.v1.DeletePortRequest
-	0,  // 11: basalt.v1.NetworkService.CreateNetwork:output_type -> basalt.v1.Network
-	0,  // 12: basalt.v1.NetworkService.GetNetwork:output_type -> basalt.v1.Network
-	5,  // 13: basalt.v1.NetworkService.ListNetworks:output_type -> basalt.v1.ListNetworksResponse
-	7,  // 14: basalt.v1.NetworkService.DeleteNetwork:output_type -> basalt.v1.DeleteNetworkResponse
-	1,  // 15: basalt.v1.NetworkService.CreatePort:output_type -> basalt.v1.Port
-	10, // 16: basalt.v1.NetworkService.ListPorts:output_type -> basalt.v1.ListPortsResponse
-	12, // 17: basalt.v1.NetworkService.DeletePort:output_type -> basalt.v1.DeletePortResponse
-	11, // [11:18] is the sub-list for method output_type
-	4,  // [4:11] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	4,  // 0: basalt.v1.Network.gateway:type_name -> basalt.v1.Gateway
+	26, // 1: basalt.v1.Network.created_at:type_name -> google.protobuf.Timestamp
+	6,  // 2: basalt.v1.Port.policy:type_name -> basalt.v1.PortPolicy
+	26, // 3: basalt.v1.Port.created_at:type_name -> google.protobuf.Timestamp
+	7,  // 4: basalt.v1.PortPolicy.acl:type_name -> basalt.v1.AclRule
+	0,  // 5: basalt.v1.AclRule.direction:type_name -> basalt.v1.AclDirection
+	1,  // 6: basalt.v1.AclRule.action:type_name -> basalt.v1.AclAction
+	2,  // 7: basalt.v1.AclRule.protocol:type_name -> basalt.v1.AclProtocol
+	3,  // 8: basalt.v1.CreateNetworkRequest.network:type_name -> basalt.v1.Network
+	3,  // 9: basalt.v1.ListNetworksResponse.networks:type_name -> basalt.v1.Network
+	5,  // 10: basalt.v1.CreatePortRequest.port:type_name -> basalt.v1.Port
+	5,  // 11: basalt.v1.ListPortsResponse.ports:type_name -> basalt.v1.Port
+	5,  // 12: basalt.v1.UpdatePortRequest.port:type_name -> basalt.v1.Port
+	22, // 13: basalt.v1.PortCounters.spoof_drops:type_name -> basalt.v1.Counter
+	22, // 14: basalt.v1.PortCounters.dhcp_drops:type_name -> basalt.v1.Counter
+	22, // 15: basalt.v1.PortCounters.isolation_drops:type_name -> basalt.v1.Counter
+	23, // 16: basalt.v1.PortCounters.acl:type_name -> basalt.v1.AclCounter
+	22, // 17: basalt.v1.PortCounters.from_vm:type_name -> basalt.v1.Counter
+	22, // 18: basalt.v1.PortCounters.to_vm:type_name -> basalt.v1.Counter
+	26, // 19: basalt.v1.NetdHost.updated_at:type_name -> google.protobuf.Timestamp
+	8,  // 20: basalt.v1.NetworkService.CreateNetwork:input_type -> basalt.v1.CreateNetworkRequest
+	9,  // 21: basalt.v1.NetworkService.GetNetwork:input_type -> basalt.v1.GetNetworkRequest
+	10, // 22: basalt.v1.NetworkService.ListNetworks:input_type -> basalt.v1.ListNetworksRequest
+	12, // 23: basalt.v1.NetworkService.DeleteNetwork:input_type -> basalt.v1.DeleteNetworkRequest
+	14, // 24: basalt.v1.NetworkService.CreatePort:input_type -> basalt.v1.CreatePortRequest
+	15, // 25: basalt.v1.NetworkService.GetPort:input_type -> basalt.v1.GetPortRequest
+	16, // 26: basalt.v1.NetworkService.ListPorts:input_type -> basalt.v1.ListPortsRequest
+	18, // 27: basalt.v1.NetworkService.UpdatePort:input_type -> basalt.v1.UpdatePortRequest
+	19, // 28: basalt.v1.NetworkService.DeletePort:input_type -> basalt.v1.DeletePortRequest
+	21, // 29: basalt.v1.NetworkService.GetPortCounters:input_type -> basalt.v1.GetPortCountersRequest
+	21, // 30: basalt.v1.NetdService.GetPortCounters:input_type -> basalt.v1.GetPortCountersRequest
+	3,  // 31: basalt.v1.NetworkService.CreateNetwork:output_type -> basalt.v1.Network
+	3,  // 32: basalt.v1.NetworkService.GetNetwork:output_type -> basalt.v1.Network
+	11, // 33: basalt.v1.NetworkService.ListNetworks:output_type -> basalt.v1.ListNetworksResponse
+	13, // 34: basalt.v1.NetworkService.DeleteNetwork:output_type -> basalt.v1.DeleteNetworkResponse
+	5,  // 35: basalt.v1.NetworkService.CreatePort:output_type -> basalt.v1.Port
+	5,  // 36: basalt.v1.NetworkService.GetPort:output_type -> basalt.v1.Port
+	17, // 37: basalt.v1.NetworkService.ListPorts:output_type -> basalt.v1.ListPortsResponse
+	5,  // 38: basalt.v1.NetworkService.UpdatePort:output_type -> basalt.v1.Port
+	20, // 39: basalt.v1.NetworkService.DeletePort:output_type -> basalt.v1.DeletePortResponse
+	24, // 40: basalt.v1.NetworkService.GetPortCounters:output_type -> basalt.v1.PortCounters
+	24, // 41: basalt.v1.NetdService.GetPortCounters:output_type -> basalt.v1.PortCounters
+	31, // [31:42] is the sub-list for method output_type
+	20, // [20:31] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_basalt_v1_network_proto_init() }
@@ -753,18 +1857,20 @@ func file_basalt_v1_network_proto_init() {
 	if File_basalt_v1_network_proto != nil {
 		return
 	}
+	file_basalt_v1_network_proto_msgTypes[3].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_network_proto_rawDesc), len(file_basalt_v1_network_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   13,
+			NumEnums:      3,
+			NumMessages:   23,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_basalt_v1_network_proto_goTypes,
 		DependencyIndexes: file_basalt_v1_network_proto_depIdxs,
+		EnumInfos:         file_basalt_v1_network_proto_enumTypes,
 		MessageInfos:      file_basalt_v1_network_proto_msgTypes,
 	}.Build()
 	File_basalt_v1_network_proto = out.File

@@ -19,13 +19,16 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	NetworkService_CreateNetwork_FullMethodName = "/basalt.v1.NetworkService/CreateNetwork"
-	NetworkService_GetNetwork_FullMethodName    = "/basalt.v1.NetworkService/GetNetwork"
-	NetworkService_ListNetworks_FullMethodName  = "/basalt.v1.NetworkService/ListNetworks"
-	NetworkService_DeleteNetwork_FullMethodName = "/basalt.v1.NetworkService/DeleteNetwork"
-	NetworkService_CreatePort_FullMethodName    = "/basalt.v1.NetworkService/CreatePort"
-	NetworkService_ListPorts_FullMethodName     = "/basalt.v1.NetworkService/ListPorts"
-	NetworkService_DeletePort_FullMethodName    = "/basalt.v1.NetworkService/DeletePort"
+	NetworkService_CreateNetwork_FullMethodName   = "/basalt.v1.NetworkService/CreateNetwork"
+	NetworkService_GetNetwork_FullMethodName      = "/basalt.v1.NetworkService/GetNetwork"
+	NetworkService_ListNetworks_FullMethodName    = "/basalt.v1.NetworkService/ListNetworks"
+	NetworkService_DeleteNetwork_FullMethodName   = "/basalt.v1.NetworkService/DeleteNetwork"
+	NetworkService_CreatePort_FullMethodName      = "/basalt.v1.NetworkService/CreatePort"
+	NetworkService_GetPort_FullMethodName         = "/basalt.v1.NetworkService/GetPort"
+	NetworkService_ListPorts_FullMethodName       = "/basalt.v1.NetworkService/ListPorts"
+	NetworkService_UpdatePort_FullMethodName      = "/basalt.v1.NetworkService/UpdatePort"
+	NetworkService_DeletePort_FullMethodName      = "/basalt.v1.NetworkService/DeletePort"
+	NetworkService_GetPortCounters_FullMethodName = "/basalt.v1.NetworkService/GetPortCounters"
 )
 
 // NetworkServiceClient is the client API for NetworkService service.
@@ -33,15 +36,27 @@ const (
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
 // NetworkService declares tenant virtual networks (VXLAN overlays) and their ports; netd on every host
-// programs them.
+// programs them (docs/netd.md). Every change is validated as a whole and written in one etcd transaction:
+// a refused request leaves nothing behind.
 type NetworkServiceClient interface {
+	// CreateNetwork records a network. A VNI of 0 is assigned (the lowest free one); a VNI in use is refused
+	// (ALREADY_EXISTS), as are overlapping subnets (INVALID_ARGUMENT).
 	CreateNetwork(ctx context.Context, in *CreateNetworkRequest, opts ...grpc.CallOption) (*Network, error)
 	GetNetwork(ctx context.Context, in *GetNetworkRequest, opts ...grpc.CallOption) (*Network, error)
 	ListNetworks(ctx context.Context, in *ListNetworksRequest, opts ...grpc.CallOption) (*ListNetworksResponse, error)
+	// DeleteNetwork removes a network that has no ports (FAILED_PRECONDITION otherwise).
 	DeleteNetwork(ctx context.Context, in *DeleteNetworkRequest, opts ...grpc.CallOption) (*DeleteNetworkResponse, error)
+	// CreatePort records a VM NIC. An empty MAC is assigned; a MAC or IP already used in the network is refused
+	// (ALREADY_EXISTS).
 	CreatePort(ctx context.Context, in *CreatePortRequest, opts ...grpc.CallOption) (*Port, error)
+	GetPort(ctx context.Context, in *GetPortRequest, opts ...grpc.CallOption) (*Port, error)
 	ListPorts(ctx context.Context, in *ListPortsRequest, opts ...grpc.CallOption) (*ListPortsResponse, error)
+	// UpdatePort replaces a port's host binding, addresses and policy (its network, name, MAC and tap are
+	// fixed). Moving a port to another host is an update of `host`.
+	UpdatePort(ctx context.Context, in *UpdatePortRequest, opts ...grpc.CallOption) (*Port, error)
 	DeletePort(ctx context.Context, in *DeletePortRequest, opts ...grpc.CallOption) (*DeletePortResponse, error)
+	// GetPortCounters asks the netd of the port's host for its policy and traffic counters.
+	GetPortCounters(ctx context.Context, in *GetPortCountersRequest, opts ...grpc.CallOption) (*PortCounters, error)
 }
 
 type networkServiceClient struct {
@@ -102,10 +117,30 @@ func (c *networkServiceClient) CreatePort(ctx context.Context, in *CreatePortReq
 	return out, nil
 }
 
+func (c *networkServiceClient) GetPort(ctx context.Context, in *GetPortRequest, opts ...grpc.CallOption) (*Port, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Port)
+	err := c.cc.Invoke(ctx, NetworkService_GetPort_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *networkServiceClient) ListPorts(ctx context.Context, in *ListPortsRequest, opts ...grpc.CallOption) (*ListPortsResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListPortsResponse)
 	err := c.cc.Invoke(ctx, NetworkService_ListPorts_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *networkServiceClient) UpdatePort(ctx context.Context, in *UpdatePortRequest, opts ...grpc.CallOption) (*Port, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Port)
+	err := c.cc.Invoke(ctx, NetworkService_UpdatePort_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -122,20 +157,42 @@ func (c *networkServiceClient) DeletePort(ctx context.Context, in *DeletePortReq
 	return out, nil
 }
 
+func (c *networkServiceClient) GetPortCounters(ctx context.Context, in *GetPortCountersRequest, opts ...grpc.CallOption) (*PortCounters, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PortCounters)
+	err := c.cc.Invoke(ctx, NetworkService_GetPortCounters_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // NetworkServiceServer is the server API for NetworkService service.
 // All implementations must embed UnimplementedNetworkServiceServer
 // for forward compatibility.
 //
 // NetworkService declares tenant virtual networks (VXLAN overlays) and their ports; netd on every host
-// programs them.
+// programs them (docs/netd.md). Every change is validated as a whole and written in one etcd transaction:
+// a refused request leaves nothing behind.
 type NetworkServiceServer interface {
+	// CreateNetwork records a network. A VNI of 0 is assigned (the lowest free one); a VNI in use is refused
+	// (ALREADY_EXISTS), as are overlapping subnets (INVALID_ARGUMENT).
 	CreateNetwork(context.Context, *CreateNetworkRequest) (*Network, error)
 	GetNetwork(context.Context, *GetNetworkRequest) (*Network, error)
 	ListNetworks(context.Context, *ListNetworksRequest) (*ListNetworksResponse, error)
+	// DeleteNetwork removes a network that has no ports (FAILED_PRECONDITION otherwise).
 	DeleteNetwork(context.Context, *DeleteNetworkRequest) (*DeleteNetworkResponse, error)
+	// CreatePort records a VM NIC. An empty MAC is assigned; a MAC or IP already used in the network is refused
+	// (ALREADY_EXISTS).
 	CreatePort(context.Context, *CreatePortRequest) (*Port, error)
+	GetPort(context.Context, *GetPortRequest) (*Port, error)
 	ListPorts(context.Context, *ListPortsRequest) (*ListPortsResponse, error)
+	// UpdatePort replaces a port's host binding, addresses and policy (its network, name, MAC and tap are
+	// fixed). Moving a port to another host is an update of `host`.
+	UpdatePort(context.Context, *UpdatePortRequest) (*Port, error)
 	DeletePort(context.Context, *DeletePortRequest) (*DeletePortResponse, error)
+	// GetPortCounters asks the netd of the port's host for its policy and traffic counters.
+	GetPortCounters(context.Context, *GetPortCountersRequest) (*PortCounters, error)
 	mustEmbedUnimplementedNetworkServiceServer()
 }
 
@@ -161,11 +218,20 @@ func (UnimplementedNetworkServiceServer) DeleteNetwork(context.Context, *DeleteN
 func (UnimplementedNetworkServiceServer) CreatePort(context.Context, *CreatePortRequest) (*Port, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreatePort not implemented")
 }
+func (UnimplementedNetworkServiceServer) GetPort(context.Context, *GetPortRequest) (*Port, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetPort not implemented")
+}
 func (UnimplementedNetworkServiceServer) ListPorts(context.Context, *ListPortsRequest) (*ListPortsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListPorts not implemented")
 }
+func (UnimplementedNetworkServiceServer) UpdatePort(context.Context, *UpdatePortRequest) (*Port, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdatePort not implemented")
+}
 func (UnimplementedNetworkServiceServer) DeletePort(context.Context, *DeletePortRequest) (*DeletePortResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeletePort not implemented")
+}
+func (UnimplementedNetworkServiceServer) GetPortCounters(context.Context, *GetPortCountersRequest) (*PortCounters, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetPortCounters not implemented")
 }
 func (UnimplementedNetworkServiceServer) mustEmbedUnimplementedNetworkServiceServer() {}
 func (UnimplementedNetworkServiceServer) testEmbeddedByValue()                        {}
@@ -278,6 +344,24 @@ func _NetworkService_CreatePort_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _NetworkService_GetPort_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetPortRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NetworkServiceServer).GetPort(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NetworkService_GetPort_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NetworkServiceServer).GetPort(ctx, req.(*GetPortRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _NetworkService_ListPorts_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListPortsRequest)
 	if err := dec(in); err != nil {
@@ -296,6 +380,24 @@ func _NetworkService_ListPorts_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _NetworkService_UpdatePort_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdatePortRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NetworkServiceServer).UpdatePort(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NetworkService_UpdatePort_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NetworkServiceServer).UpdatePort(ctx, req.(*UpdatePortRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _NetworkService_DeletePort_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(DeletePortRequest)
 	if err := dec(in); err != nil {
@@ -310,6 +412,24 @@ func _NetworkService_DeletePort_Handler(srv interface{}, ctx context.Context, de
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(NetworkServiceServer).DeletePort(ctx, req.(*DeletePortRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _NetworkService_GetPortCounters_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetPortCountersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NetworkServiceServer).GetPortCounters(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NetworkService_GetPortCounters_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NetworkServiceServer).GetPortCounters(ctx, req.(*GetPortCountersRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -342,12 +462,132 @@ var NetworkService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _NetworkService_CreatePort_Handler,
 		},
 		{
+			MethodName: "GetPort",
+			Handler:    _NetworkService_GetPort_Handler,
+		},
+		{
 			MethodName: "ListPorts",
 			Handler:    _NetworkService_ListPorts_Handler,
 		},
 		{
+			MethodName: "UpdatePort",
+			Handler:    _NetworkService_UpdatePort_Handler,
+		},
+		{
 			MethodName: "DeletePort",
 			Handler:    _NetworkService_DeletePort_Handler,
+		},
+		{
+			MethodName: "GetPortCounters",
+			Handler:    _NetworkService_GetPortCounters_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "basalt/v1/network.proto",
+}
+
+const (
+	NetdService_GetPortCounters_FullMethodName = "/basalt.v1.NetdService/GetPortCounters"
+)
+
+// NetdServiceClient is the client API for NetdService service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// NetdService is internal: every netd serves it on its node's gRPC address, and metad forwards
+// NetworkService.GetPortCounters to the netd of the port's host.
+type NetdServiceClient interface {
+	GetPortCounters(ctx context.Context, in *GetPortCountersRequest, opts ...grpc.CallOption) (*PortCounters, error)
+}
+
+type netdServiceClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewNetdServiceClient(cc grpc.ClientConnInterface) NetdServiceClient {
+	return &netdServiceClient{cc}
+}
+
+func (c *netdServiceClient) GetPortCounters(ctx context.Context, in *GetPortCountersRequest, opts ...grpc.CallOption) (*PortCounters, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PortCounters)
+	err := c.cc.Invoke(ctx, NetdService_GetPortCounters_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// NetdServiceServer is the server API for NetdService service.
+// All implementations must embed UnimplementedNetdServiceServer
+// for forward compatibility.
+//
+// NetdService is internal: every netd serves it on its node's gRPC address, and metad forwards
+// NetworkService.GetPortCounters to the netd of the port's host.
+type NetdServiceServer interface {
+	GetPortCounters(context.Context, *GetPortCountersRequest) (*PortCounters, error)
+	mustEmbedUnimplementedNetdServiceServer()
+}
+
+// UnimplementedNetdServiceServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedNetdServiceServer struct{}
+
+func (UnimplementedNetdServiceServer) GetPortCounters(context.Context, *GetPortCountersRequest) (*PortCounters, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetPortCounters not implemented")
+}
+func (UnimplementedNetdServiceServer) mustEmbedUnimplementedNetdServiceServer() {}
+func (UnimplementedNetdServiceServer) testEmbeddedByValue()                     {}
+
+// UnsafeNetdServiceServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to NetdServiceServer will
+// result in compilation errors.
+type UnsafeNetdServiceServer interface {
+	mustEmbedUnimplementedNetdServiceServer()
+}
+
+func RegisterNetdServiceServer(s grpc.ServiceRegistrar, srv NetdServiceServer) {
+	// If the following call panics, it indicates UnimplementedNetdServiceServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&NetdService_ServiceDesc, srv)
+}
+
+func _NetdService_GetPortCounters_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetPortCountersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NetdServiceServer).GetPortCounters(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NetdService_GetPortCounters_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NetdServiceServer).GetPortCounters(ctx, req.(*GetPortCountersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// NetdService_ServiceDesc is the grpc.ServiceDesc for NetdService service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var NetdService_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "basalt.v1.NetdService",
+	HandlerType: (*NetdServiceServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "GetPortCounters",
+			Handler:    _NetdService_GetPortCounters_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
