@@ -358,3 +358,60 @@ func TestLinkedClonesAndOffloadedCopy(t *testing.T) {
 	basalt("volume", "resize", "big", "--size", "32M")
 	qemuIOAll(t, uri(2, "big"), true, "read -P 8 0 16M", "read -P 0 16M 16M")
 }
+
+// TestCheckpointsSurviveRecovery takes a checkpoint while a storage node is down, writes and trims around it,
+// lets the node come back and be recovered, then kills the two other nodes: the recovered node alone must
+// serve every checkpoint's content and the volume's, so recovery copied every layer.
+func TestCheckpointsSurviveRecovery(t *testing.T) {
+	if testing.Short() {
+		t.Skip("kills nodes; slow")
+	}
+	needTool(t, "qemu-io", "qemu-utils")
+	e := newEnv(t)
+	base := freeBase(t, 3)
+	c := e.up(t.TempDir(), "--base-port", itoa(base), "--lease-ttl", "2s", "--restart-delay", "8s")
+	e.waitNodes("every node up", 10*time.Second, allUp(fullCluster...))
+	basalt := func(args ...string) {
+		t.Helper()
+		if _, errOut, code := e.basalt(nil, args...); code != 0 {
+			t.Fatalf("basalt %s: %s", strings.Join(args, " "), errOut)
+		}
+	}
+	uri := func(node int, export string) string {
+		return fmt.Sprintf("nbd://127.0.0.1:%d/%s", base+10*node+1, export)
+	}
+	basalt("volume", "create", "rk", "--size", "32M")
+	qemuIOAll(t, uri(1, "rk"), false, "write -P 1 0 32M")
+	basalt("checkpoint", "create", "k1", "rk")
+
+	if err := syscall.Kill(c.pid(t, "blockd-3"), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// The checkpoint cannot be taken until the map says blockd-3 is down (it cannot be asked to hold writes);
+	// then it is, without it.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		qemuIOAll(t, uri(1, "rk"), false, "write -P 2 0 8M", "discard 8M 4M")
+		_, errOut, code := e.basalt(nil, "checkpoint", "create", "k2", "rk")
+		if code == 0 {
+			break
+		}
+		if !strings.Contains(errOut, "blockd-3") || time.Now().After(deadline) {
+			t.Fatalf("checkpoint while blockd-3 is down: %s", errOut)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	qemuIOAll(t, uri(2, "rk"), false, "write -P 3 4M 2M")
+	e.waitNodes("blockd-3 back", 30*time.Second, allUp(fullCluster...))
+	waitMembersAgree(t, c.state(t), nil, 8)
+
+	for _, n := range []string{"blockd-1", "blockd-2"} {
+		if err := syscall.Kill(c.pid(t, n), syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Reads through blockd-3 retry until the map moves the PGs to it alone.
+	qemuIOAll(t, uri(3, "rk@k1"), true, "read -P 1 0 32M")
+	qemuIOAll(t, uri(3, "rk@k2"), true, "read -P 2 0 8M", "read -P 0 8M 4M", "read -P 1 12M 20M")
+	qemuIOAll(t, uri(3, "rk"), true, "read -P 2 0 4M", "read -P 3 4M 2M", "read -P 2 6M 2M", "read -P 0 8M 4M", "read -P 1 12M 20M")
+}
