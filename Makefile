@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 BIN := $(CURDIR)/bin
-DAEMONS := tools/cmd/basalt tools/cmd/basalt-bench tools/cmd/basalt-netbench metad/cmd/metad blockd/cmd/blockd computed/cmd/computed netd/cmd/netd netd/cmd/basalt-flowcount
+DAEMONS := tools/cmd/basalt tools/cmd/basalt-bench tools/cmd/basalt-netbench tools/cmd/basalt-migbench metad/cmd/metad blockd/cmd/blockd computed/cmd/computed netd/cmd/netd netd/cmd/basalt-flowcount
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/basalt-hv/basalt/internal/buildinfo.version=$(VERSION)
 
@@ -52,12 +52,15 @@ test-short: build
 
 # Benchmarks, each against its peers in the same run; results go in docs/benchmarks.md. The block suites run
 # fio against Basalt, qemu-nbd, nbdkit and the raw file; the network suite (root, iperf3) VXLAN with policies
-# against a plain veth pair, and netd's convergence time.
+# against a plain veth pair, and netd's convergence time; the migration suite live-migrates 512 MiB TCG guests
+# under memory load (total time, downtime, bytes; with and without compression; 4 at once).
 BENCHFLAGS ?=
 NETBENCHFLAGS ?=
+MIGBENCHFLAGS ?=
 bench: build
 	$(BIN)/basalt-bench --bin-dir $(BIN) $(BENCHFLAGS)
 	$(BIN)/basalt-netbench $(NETBENCHFLAGS)
+	$(BIN)/basalt-migbench $(MIGBENCHFLAGS)
 
 proto:
 	@command -v protoc >/dev/null || ./scripts/deps.sh

@@ -42,15 +42,13 @@ func Register(s *grpc.Server, c *ClusterServer) {
 	basaltv1.RegisterVolumeServiceServer(s, &VolumeServer{Store: c.Store, Peers: c.Peers})
 	basaltv1.RegisterCheckpointServiceServer(s, &CheckpointServer{Store: c.Store, Peers: c.Peers})
 	basaltv1.RegisterAttachmentServiceServer(s, basaltv1.UnimplementedAttachmentServiceServer{})
-	basaltv1.RegisterVMServiceServer(s, basaltv1.UnimplementedVMServiceServer{})
+	basaltv1.RegisterVMServiceServer(s, NewVMServer(c.Store, c.Peers))
 	basaltv1.RegisterNetworkServiceServer(s, &NetworkServer{Store: c.Store})
 }
 
 // missing says what an unbuilt service lacks, for its Unimplemented answers.
 func missing(service string) string {
 	switch service {
-	case "basalt.v1.VMService":
-		return "VMs need computed's hypervisor drivers, which this build does not have yet"
 	case "basalt.v1.AttachmentService":
 		return "attachments need the block layer's fencing (attachment generations), which this build does not have yet"
 	}

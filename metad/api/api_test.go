@@ -53,10 +53,6 @@ func TestUnbuiltServicesSayWhatIsMissing(t *testing.T) {
 			_, err := basaltv1.NewAttachmentServiceClient(c).Attach(ctx, &basaltv1.AttachRequest{})
 			return err
 		},
-		"hypervisor drivers": func() error {
-			_, err := basaltv1.NewVMServiceClient(c).StartVM(ctx, &basaltv1.StartVMRequest{})
-			return err
-		},
 	}
 	for want, call := range calls {
 		err := call()

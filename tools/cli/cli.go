@@ -83,6 +83,8 @@ from --endpoint, else $BASALT_ENDPOINT, else the client config that 'basalt up' 
 	root.AddCommand(a.upCmd(), a.nodeCmd(), a.clusterCmd(), a.volumeCmd(), a.poolCmd(), a.netCmd(), a.portCmd(), a.versionCmd())
 	root.AddCommand(a.checkpointCmd())
 	root.AddCommand(a.backupCmd())
+	root.AddCommand(a.vmCmd())
+	root.AddCommand(a.hostCmd())
 	// Unknown subcommands are usage errors too; cobra reports them from Args validation.
 	root.Args = func(cmd *cobra.Command, args []string) error {
 		if len(args) > 0 {

@@ -58,6 +58,7 @@ stops the nodes, then metad; daemon logs are in <data-dir>/logs, running PIDs in
 	f := cmd.Flags()
 	f.StringVar(&o.DataDir, "data-dir", defaultDataDir(), "directory for all of the cluster's data and logs")
 	f.IntVar(&o.Blockd, "blockd", 3, fmt.Sprintf("number of blockd storage nodes (1 to %d)", up.MaxBlockd))
+	f.IntVar(&o.Computed, "computed", 1, fmt.Sprintf("number of computed nodes (1 to %d; two for live migration)", up.MaxComputed))
 	f.IntVar(&o.BasePort, "base-port", 7400, "first port of the cluster's port range (see above)")
 	f.DurationVar(&o.LeaseTTL, "lease-ttl", node.DefaultLeaseTTL, "lease TTL of every node: how soon a dead node is listed as down")
 	f.DurationVar(&o.RestartDelay, "restart-delay", 10*time.Second, "how long a crashed daemon stays down before it is restarted; 0 never restarts")

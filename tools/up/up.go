@@ -1,5 +1,5 @@
-// Package up runs a whole Basalt cluster on one machine: an embedded-etcd metad, N blockd, one computed and
-// one netd, each its own process, every port on 127.0.0.1, all data under one directory. It waits until every
+// Package up runs a whole Basalt cluster on one machine: an embedded-etcd metad, N blockd, one or more computed
+// and one netd, each its own process, every port on 127.0.0.1, all data under one directory. It waits until every
 // node is up, writes the client config so `basalt` in another terminal just works, restarts a daemon that
 // crashes (after a delay, so that the crash is seen by the cluster exactly as a real node failure would be),
 // and on cancellation stops the nodes, then metad, cleanly. It starts daemons as processes from a bin
@@ -36,6 +36,9 @@ type Options struct {
 	DataDir string
 	// Blockd is the number of storage nodes (1 to MaxBlockd).
 	Blockd int
+	// Computed is the number of compute nodes (1 to MaxComputed; 0 means 1). Two are enough for live
+	// migration between them on one machine.
+	Computed int
 	// BasePort is the first of the ports the cluster uses; see Plan for the layout.
 	BasePort int
 	// LeaseTTL is every node's lease TTL.
@@ -59,6 +62,10 @@ type Options struct {
 
 // MaxBlockd bounds --blockd so that the port plan stays inside 100 ports.
 const MaxBlockd = 7
+
+// MaxComputed bounds --computed; blockd and computed nodes together are at most MaxBlockd+1, for the same
+// reason.
+const MaxComputed = 3
 
 // StateFile is written under DataDir while the cluster runs: which processes run where (for scripts, the
 // chaos harness and operators).
@@ -87,13 +94,21 @@ type State struct {
 
 // Plan lays out the cluster's processes and ports: metad's API on BasePort and its etcd on BasePort+1 (client)
 // and BasePort+2 (peer); node i (blockd first, then computed, then netd) gets the ten ports from
-// BasePort+10*(i+1): its gRPC server on the first, a blockd's NBD server on the second.
+// BasePort+10*(i+1): its gRPC server on the first, a blockd's NBD server or a computed's metrics endpoint on the
+// second. Computed number i attaches its VMs' disks through blockd number i (cycling when there are fewer).
 func Plan(o Options) (*State, error) {
 	if o.Blockd < 1 || o.Blockd > MaxBlockd {
 		return nil, fmt.Errorf("--blockd %d is out of range (1 to %d)", o.Blockd, MaxBlockd)
 	}
-	if o.BasePort < 1024 || o.BasePort+10*(o.Blockd+3) > 65535 {
-		return nil, fmt.Errorf("--base-port %d is out of range (1024 to %d)", o.BasePort, 65535-10*(o.Blockd+3))
+	if o.Computed == 0 {
+		o.Computed = 1
+	}
+	if o.Computed < 1 || o.Computed > MaxComputed || o.Blockd+o.Computed > MaxBlockd+1 {
+		return nil, fmt.Errorf("--computed %d is out of range (1 to %d, and at most %d blockd and computed together)", o.Computed, MaxComputed, MaxBlockd+1)
+	}
+	count := o.Blockd + o.Computed + 1
+	if o.BasePort < 1024 || o.BasePort+10*(count+1) > 65535 {
+		return nil, fmt.Errorf("--base-port %d is out of range (1024 to %d)", o.BasePort, 65535-10*(count+1))
 	}
 	hp := func(p int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(p)) }
 	dataDir, err := filepath.Abs(o.DataDir)
@@ -129,14 +144,26 @@ func Plan(o Options) (*State, error) {
 	for i := 1; i <= o.Blockd; i++ {
 		nodes = append(nodes, struct{ id, kind string }{fmt.Sprintf("blockd-%d", i), "blockd"})
 	}
-	nodes = append(nodes, struct{ id, kind string }{"computed-1", "computed"}, struct{ id, kind string }{"netd-1", "netd"})
+	for i := 1; i <= o.Computed; i++ {
+		nodes = append(nodes, struct{ id, kind string }{fmt.Sprintf("computed-%d", i), "computed"})
+	}
+	nodes = append(nodes, struct{ id, kind string }{"netd-1", "netd"})
+	computed := 0
 	for i, n := range nodes {
 		port := o.BasePort + 10*(i+1)
-		if n.kind == "blockd" {
+		switch n.kind {
+		case "blockd":
 			add(n.id, n.kind, port, []int{port, port + 1}, "--etcd-endpoints", etcdURL, "--nbd-listen", hp(port+1))
-			continue
+		case "computed":
+			// Every daemon runs on this one machine, so a computed cannot find "its" blockd by host name: it is
+			// told which one to attach through (blockd's NBD socket is <its data dir>/nbd.sock).
+			blockd := fmt.Sprintf("blockd-%d", computed%o.Blockd+1)
+			computed++
+			add(n.id, n.kind, port, []int{port, port + 1}, "--etcd-endpoints", etcdURL,
+				"--blockd-socket", filepath.Join(dataDir, blockd, "nbd.sock"), "--metrics-listen", hp(port+1))
+		default:
+			add(n.id, n.kind, port, []int{port}, "--etcd-endpoints", etcdURL)
 		}
-		add(n.id, n.kind, port, []int{port}, "--etcd-endpoints", etcdURL)
 	}
 	return s, nil
 }

@@ -1,14 +1,14 @@
-// Command computed is a Basalt compute node. In this build it joins the cluster (registration on an etcd lease, heartbeat) and serves gRPC health; the hypervisor drivers and VM lifecycle plug into the node it starts.
+// Command computed is a Basalt compute node: it runs the VMs the cluster assigns to it through a hypervisor
+// driver (QEMU by default), serves their consoles and meters, and live-migrates them. See docs/compute.md.
 package main
 
 import (
 	"os"
 
-	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
-
-	"github.com/basalt-hv/basalt/internal/node"
+	"github.com/basalt-hv/basalt/computed/daemon"
 )
 
 func main() {
-	os.Exit(node.Daemon{Kind: basaltv1.NodeKind_NODE_KIND_COMPUTED, DefaultListen: "127.0.0.1:7430"}.Main(os.Args[1:]))
+	var c daemon.Config
+	os.Exit(daemon.Daemon(&c).Main(os.Args[1:]))
 }

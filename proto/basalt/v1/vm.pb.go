@@ -25,6 +25,7 @@ const (
 type Firmware int32
 
 const (
+	// BIOS, or direct kernel boot when the spec names a kernel.
 	Firmware_FIRMWARE_UNSPECIFIED      Firmware = 0
 	Firmware_FIRMWARE_BIOS             Firmware = 1
 	Firmware_FIRMWARE_UEFI             Firmware = 2
@@ -88,7 +89,8 @@ const (
 	VMState_VM_STATE_PAUSED      VMState = 4
 	VMState_VM_STATE_STOPPING    VMState = 5
 	VMState_VM_STATE_MIGRATING   VMState = 6
-	VMState_VM_STATE_FAILED      VMState = 7
+	// The VM should run but does not: status.last_error says why.
+	VMState_VM_STATE_FAILED VMState = 7
 )
 
 // Enum value maps for VMState.
@@ -143,10 +145,12 @@ func (VMState) EnumDescriptor() ([]byte, []int) {
 }
 
 type VMMemory struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	StartupBytes  uint64                 `protobuf:"varint,1,opt,name=startup_bytes,json=startupBytes,proto3" json:"startup_bytes,omitempty"`
-	MinimumBytes  uint64                 `protobuf:"varint,2,opt,name=minimum_bytes,json=minimumBytes,proto3" json:"minimum_bytes,omitempty"`
-	MaximumBytes  uint64                 `protobuf:"varint,3,opt,name=maximum_bytes,json=maximumBytes,proto3" json:"maximum_bytes,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the guest gets at boot: the first balloon target.
+	StartupBytes uint64 `protobuf:"varint,1,opt,name=startup_bytes,json=startupBytes,proto3" json:"startup_bytes,omitempty"`
+	// Bounds of the balloon target; 0 means startup_bytes. The hypervisor sizes the guest's RAM for the maximum.
+	MinimumBytes  uint64 `protobuf:"varint,2,opt,name=minimum_bytes,json=minimumBytes,proto3" json:"minimum_bytes,omitempty"`
+	MaximumBytes  uint64 `protobuf:"varint,3,opt,name=maximum_bytes,json=maximumBytes,proto3" json:"maximum_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -307,20 +311,80 @@ func (x *VMNic) GetPort() string {
 	return ""
 }
 
+// VMPlacement limits and orders the hosts a VM may run on (computed node IDs).
+type VMPlacement struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Hosts tried first, in order, when they have room.
+	PreferredHosts []string `protobuf:"bytes,1,rep,name=preferred_hosts,json=preferredHosts,proto3" json:"preferred_hosts,omitempty"`
+	// The only hosts the VM may run on; empty: any.
+	PossibleHosts []string `protobuf:"bytes,2,rep,name=possible_hosts,json=possibleHosts,proto3" json:"possible_hosts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VMPlacement) Reset() {
+	*x = VMPlacement{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMPlacement) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMPlacement) ProtoMessage() {}
+
+func (x *VMPlacement) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMPlacement.ProtoReflect.Descriptor instead.
+func (*VMPlacement) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *VMPlacement) GetPreferredHosts() []string {
+	if x != nil {
+		return x.PreferredHosts
+	}
+	return nil
+}
+
+func (x *VMPlacement) GetPossibleHosts() []string {
+	if x != nil {
+		return x.PossibleHosts
+	}
+	return nil
+}
+
 type VMSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Vcpus         uint32                 `protobuf:"varint,1,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
-	Memory        *VMMemory              `protobuf:"bytes,2,opt,name=memory,proto3" json:"memory,omitempty"`
-	Disks         []*VMDisk              `protobuf:"bytes,3,rep,name=disks,proto3" json:"disks,omitempty"`
-	Nics          []*VMNic               `protobuf:"bytes,4,rep,name=nics,proto3" json:"nics,omitempty"`
-	Firmware      Firmware               `protobuf:"varint,5,opt,name=firmware,proto3,enum=basalt.v1.Firmware" json:"firmware,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Vcpus    uint32                 `protobuf:"varint,1,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	Memory   *VMMemory              `protobuf:"bytes,2,opt,name=memory,proto3" json:"memory,omitempty"`
+	Disks    []*VMDisk              `protobuf:"bytes,3,rep,name=disks,proto3" json:"disks,omitempty"`
+	Nics     []*VMNic               `protobuf:"bytes,4,rep,name=nics,proto3" json:"nics,omitempty"`
+	Firmware Firmware               `protobuf:"varint,5,opt,name=firmware,proto3,enum=basalt.v1.Firmware" json:"firmware,omitempty"`
+	// Direct kernel boot: paths on the host (the same on every host the VM may run on).
+	Kernel        string       `protobuf:"bytes,6,opt,name=kernel,proto3" json:"kernel,omitempty"`
+	Initrd        string       `protobuf:"bytes,7,opt,name=initrd,proto3" json:"initrd,omitempty"`
+	Cmdline       string       `protobuf:"bytes,8,opt,name=cmdline,proto3" json:"cmdline,omitempty"`
+	Placement     *VMPlacement `protobuf:"bytes,9,opt,name=placement,proto3" json:"placement,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VMSpec) Reset() {
 	*x = VMSpec{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[3]
+	mi := &file_basalt_v1_vm_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -332,7 +396,7 @@ func (x *VMSpec) String() string {
 func (*VMSpec) ProtoMessage() {}
 
 func (x *VMSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[3]
+	mi := &file_basalt_v1_vm_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -345,7 +409,7 @@ func (x *VMSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMSpec.ProtoReflect.Descriptor instead.
 func (*VMSpec) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{3}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *VMSpec) GetVcpus() uint32 {
@@ -383,21 +447,549 @@ func (x *VMSpec) GetFirmware() Firmware {
 	return Firmware_FIRMWARE_UNSPECIFIED
 }
 
+func (x *VMSpec) GetKernel() string {
+	if x != nil {
+		return x.Kernel
+	}
+	return ""
+}
+
+func (x *VMSpec) GetInitrd() string {
+	if x != nil {
+		return x.Initrd
+	}
+	return ""
+}
+
+func (x *VMSpec) GetCmdline() string {
+	if x != nil {
+		return x.Cmdline
+	}
+	return ""
+}
+
+func (x *VMSpec) GetPlacement() *VMPlacement {
+	if x != nil {
+		return x.Placement
+	}
+	return nil
+}
+
+// VMStop is a stop in effect: the guest was asked to power off at requested_at and is forced off after
+// timeout_seconds (at once with force).
+type VMStop struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	RequestedAt    *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=requested_at,json=requestedAt,proto3" json:"requested_at,omitempty"`
+	TimeoutSeconds uint32                 `protobuf:"varint,2,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"`
+	Force          bool                   `protobuf:"varint,3,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *VMStop) Reset() {
+	*x = VMStop{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMStop) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMStop) ProtoMessage() {}
+
+func (x *VMStop) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMStop.ProtoReflect.Descriptor instead.
+func (*VMStop) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *VMStop) GetRequestedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RequestedAt
+	}
+	return nil
+}
+
+func (x *VMStop) GetTimeoutSeconds() uint32 {
+	if x != nil {
+		return x.TimeoutSeconds
+	}
+	return 0
+}
+
+func (x *VMStop) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+// VMMigration is a requested live migration, from the request until it ends.
+type VMMigration struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Unique per request.
+	Id     string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Source string `protobuf:"bytes,2,opt,name=source,proto3" json:"source,omitempty"`
+	Target string `protobuf:"bytes,3,opt,name=target,proto3" json:"target,omitempty"`
+	// Compress the memory stream (QEMU multifd with zstd, or zlib).
+	Compress bool `protobuf:"varint,4,opt,name=compress,proto3" json:"compress,omitempty"`
+	// Bandwidth limit of the stream, bytes per second; 0: unlimited.
+	BandwidthBytesPerSecond uint64 `protobuf:"varint,5,opt,name=bandwidth_bytes_per_second,json=bandwidthBytesPerSecond,proto3" json:"bandwidth_bytes_per_second,omitempty"`
+	// Longest pause the switchover may cause; 0: the hypervisor's default.
+	MaxDowntimeMs uint32                 `protobuf:"varint,6,opt,name=max_downtime_ms,json=maxDowntimeMs,proto3" json:"max_downtime_ms,omitempty"`
+	RequestedAt   *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=requested_at,json=requestedAt,proto3" json:"requested_at,omitempty"`
+	// Set by CancelMigration.
+	Cancel bool `protobuf:"varint,8,opt,name=cancel,proto3" json:"cancel,omitempty"`
+	// Requested by DrainHost.
+	Drain         bool `protobuf:"varint,9,opt,name=drain,proto3" json:"drain,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VMMigration) Reset() {
+	*x = VMMigration{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMMigration) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMMigration) ProtoMessage() {}
+
+func (x *VMMigration) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMMigration.ProtoReflect.Descriptor instead.
+func (*VMMigration) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *VMMigration) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *VMMigration) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *VMMigration) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *VMMigration) GetCompress() bool {
+	if x != nil {
+		return x.Compress
+	}
+	return false
+}
+
+func (x *VMMigration) GetBandwidthBytesPerSecond() uint64 {
+	if x != nil {
+		return x.BandwidthBytesPerSecond
+	}
+	return 0
+}
+
+func (x *VMMigration) GetMaxDowntimeMs() uint32 {
+	if x != nil {
+		return x.MaxDowntimeMs
+	}
+	return 0
+}
+
+func (x *VMMigration) GetRequestedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RequestedAt
+	}
+	return nil
+}
+
+func (x *VMMigration) GetCancel() bool {
+	if x != nil {
+		return x.Cancel
+	}
+	return false
+}
+
+func (x *VMMigration) GetDrain() bool {
+	if x != nil {
+		return x.Drain
+	}
+	return false
+}
+
+// MigrationProgress is what the source host reports of the current or last migration.
+type MigrationProgress struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Id     string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Source string                 `protobuf:"bytes,2,opt,name=source,proto3" json:"source,omitempty"`
+	Target string                 `protobuf:"bytes,3,opt,name=target,proto3" json:"target,omitempty"`
+	// queued (waiting for a free migration slot), preparing, active, completed, failed or cancelled.
+	Status           string `protobuf:"bytes,4,opt,name=status,proto3" json:"status,omitempty"`
+	TransferredBytes uint64 `protobuf:"varint,5,opt,name=transferred_bytes,json=transferredBytes,proto3" json:"transferred_bytes,omitempty"`
+	RemainingBytes   uint64 `protobuf:"varint,6,opt,name=remaining_bytes,json=remainingBytes,proto3" json:"remaining_bytes,omitempty"`
+	TotalBytes       uint64 `protobuf:"varint,7,opt,name=total_bytes,json=totalBytes,proto3" json:"total_bytes,omitempty"`
+	// Measured switchover pause, once completed.
+	DowntimeMs              uint32                 `protobuf:"varint,8,opt,name=downtime_ms,json=downtimeMs,proto3" json:"downtime_ms,omitempty"`
+	StartedAt               *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
+	FinishedAt              *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=finished_at,json=finishedAt,proto3" json:"finished_at,omitempty"`
+	Error                   string                 `protobuf:"bytes,11,opt,name=error,proto3" json:"error,omitempty"`
+	Compress                bool                   `protobuf:"varint,12,opt,name=compress,proto3" json:"compress,omitempty"`
+	BandwidthBytesPerSecond uint64                 `protobuf:"varint,13,opt,name=bandwidth_bytes_per_second,json=bandwidthBytesPerSecond,proto3" json:"bandwidth_bytes_per_second,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
+}
+
+func (x *MigrationProgress) Reset() {
+	*x = MigrationProgress{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrationProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrationProgress) ProtoMessage() {}
+
+func (x *MigrationProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrationProgress.ProtoReflect.Descriptor instead.
+func (*MigrationProgress) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *MigrationProgress) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *MigrationProgress) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *MigrationProgress) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *MigrationProgress) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *MigrationProgress) GetTransferredBytes() uint64 {
+	if x != nil {
+		return x.TransferredBytes
+	}
+	return 0
+}
+
+func (x *MigrationProgress) GetRemainingBytes() uint64 {
+	if x != nil {
+		return x.RemainingBytes
+	}
+	return 0
+}
+
+func (x *MigrationProgress) GetTotalBytes() uint64 {
+	if x != nil {
+		return x.TotalBytes
+	}
+	return 0
+}
+
+func (x *MigrationProgress) GetDowntimeMs() uint32 {
+	if x != nil {
+		return x.DowntimeMs
+	}
+	return 0
+}
+
+func (x *MigrationProgress) GetStartedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartedAt
+	}
+	return nil
+}
+
+func (x *MigrationProgress) GetFinishedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FinishedAt
+	}
+	return nil
+}
+
+func (x *MigrationProgress) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *MigrationProgress) GetCompress() bool {
+	if x != nil {
+		return x.Compress
+	}
+	return false
+}
+
+func (x *MigrationProgress) GetBandwidthBytesPerSecond() uint64 {
+	if x != nil {
+		return x.BandwidthBytesPerSecond
+	}
+	return 0
+}
+
+// VMStatus is what the VM's host observes; it is stored apart from the declaration (written by computed only).
+type VMStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The computed node that wrote this status.
+	Host       string  `protobuf:"bytes,2,opt,name=host,proto3" json:"host,omitempty"`
+	State      VMState `protobuf:"varint,3,opt,name=state,proto3,enum=basalt.v1.VMState" json:"state,omitempty"`
+	Hypervisor string  `protobuf:"bytes,4,opt,name=hypervisor,proto3" json:"hypervisor,omitempty"`
+	// Accelerator in use, e.g. "kvm" or "tcg".
+	Accel string `protobuf:"bytes,5,opt,name=accel,proto3" json:"accel,omitempty"`
+	// PID of the hypervisor process on the host.
+	Pid int32 `protobuf:"varint,6,opt,name=pid,proto3" json:"pid,omitempty"`
+	// Where the host keeps the serial console's log (bounded and rotated; kept after the VM stops).
+	ConsoleLog  string                 `protobuf:"bytes,7,opt,name=console_log,json=consoleLog,proto3" json:"console_log,omitempty"`
+	LastError   string                 `protobuf:"bytes,8,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	LastErrorAt *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=last_error_at,json=lastErrorAt,proto3" json:"last_error_at,omitempty"`
+	Migration   *MigrationProgress     `protobuf:"bytes,10,opt,name=migration,proto3" json:"migration,omitempty"`
+	// Memory the balloon leaves the guest, and the target last applied.
+	MemoryActualBytes uint64 `protobuf:"varint,11,opt,name=memory_actual_bytes,json=memoryActualBytes,proto3" json:"memory_actual_bytes,omitempty"`
+	MemoryTargetBytes uint64 `protobuf:"varint,12,opt,name=memory_target_bytes,json=memoryTargetBytes,proto3" json:"memory_target_bytes,omitempty"`
+	// The VM's generation the host has acted on.
+	ObservedGeneration uint64                 `protobuf:"varint,13,opt,name=observed_generation,json=observedGeneration,proto3" json:"observed_generation,omitempty"`
+	StartedAt          *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
+	UpdatedAt          *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *VMStatus) Reset() {
+	*x = VMStatus{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMStatus) ProtoMessage() {}
+
+func (x *VMStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMStatus.ProtoReflect.Descriptor instead.
+func (*VMStatus) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *VMStatus) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VMStatus) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *VMStatus) GetState() VMState {
+	if x != nil {
+		return x.State
+	}
+	return VMState_VM_STATE_UNSPECIFIED
+}
+
+func (x *VMStatus) GetHypervisor() string {
+	if x != nil {
+		return x.Hypervisor
+	}
+	return ""
+}
+
+func (x *VMStatus) GetAccel() string {
+	if x != nil {
+		return x.Accel
+	}
+	return ""
+}
+
+func (x *VMStatus) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *VMStatus) GetConsoleLog() string {
+	if x != nil {
+		return x.ConsoleLog
+	}
+	return ""
+}
+
+func (x *VMStatus) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *VMStatus) GetLastErrorAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastErrorAt
+	}
+	return nil
+}
+
+func (x *VMStatus) GetMigration() *MigrationProgress {
+	if x != nil {
+		return x.Migration
+	}
+	return nil
+}
+
+func (x *VMStatus) GetMemoryActualBytes() uint64 {
+	if x != nil {
+		return x.MemoryActualBytes
+	}
+	return 0
+}
+
+func (x *VMStatus) GetMemoryTargetBytes() uint64 {
+	if x != nil {
+		return x.MemoryTargetBytes
+	}
+	return 0
+}
+
+func (x *VMStatus) GetObservedGeneration() uint64 {
+	if x != nil {
+		return x.ObservedGeneration
+	}
+	return 0
+}
+
+func (x *VMStatus) GetStartedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartedAt
+	}
+	return nil
+}
+
+func (x *VMStatus) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
 type VM struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	Spec  *VMSpec                `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
-	State VMState                `protobuf:"varint,3,opt,name=state,proto3,enum=basalt.v1.VMState" json:"state,omitempty"`
-	// Node ID of the computed host running the VM, if any.
-	Host          string                 `protobuf:"bytes,4,opt,name=host,proto3" json:"host,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// What the VM is doing, from its host's status (output only).
+	State VMState `protobuf:"varint,3,opt,name=state,proto3,enum=basalt.v1.VMState" json:"state,omitempty"`
+	// Node ID of the computed host the VM is assigned to: where it runs, or ran last.
+	Host      string                 `protobuf:"bytes,4,opt,name=host,proto3" json:"host,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// What the VM should be doing: RUNNING, PAUSED or STOPPED.
+	DesiredState VMState `protobuf:"varint,6,opt,name=desired_state,json=desiredState,proto3,enum=basalt.v1.VMState" json:"desired_state,omitempty"`
+	// Balloon target: the memory the guest may use now.
+	MemoryTargetBytes uint64 `protobuf:"varint,7,opt,name=memory_target_bytes,json=memoryTargetBytes,proto3" json:"memory_target_bytes,omitempty"`
+	// Set while a stop is in effect.
+	Stop *VMStop `protobuf:"bytes,8,opt,name=stop,proto3" json:"stop,omitempty"`
+	// Set while a migration is requested or running.
+	Migration *VMMigration `protobuf:"bytes,9,opt,name=migration,proto3" json:"migration,omitempty"`
+	// What the host last reported (output only).
+	Status *VMStatus `protobuf:"bytes,10,opt,name=status,proto3" json:"status,omitempty"`
+	// Revision of the VM's record (output only).
+	Revision int64 `protobuf:"varint,11,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Counts changes to the declaration (output only).
+	Generation uint64 `protobuf:"varint,12,opt,name=generation,proto3" json:"generation,omitempty"`
+	// For a clone: the checkpoint its volumes were cloned from (the source VM's name and the checkpoint).
+	ClonedFrom    string `protobuf:"bytes,13,opt,name=cloned_from,json=clonedFrom,proto3" json:"cloned_from,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VM) Reset() {
 	*x = VM{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[4]
+	mi := &file_basalt_v1_vm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -409,7 +1001,7 @@ func (x *VM) String() string {
 func (*VM) ProtoMessage() {}
 
 func (x *VM) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[4]
+	mi := &file_basalt_v1_vm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -422,7 +1014,7 @@ func (x *VM) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VM.ProtoReflect.Descriptor instead.
 func (*VM) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{4}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *VM) GetName() string {
@@ -460,17 +1052,75 @@ func (x *VM) GetCreatedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *VM) GetDesiredState() VMState {
+	if x != nil {
+		return x.DesiredState
+	}
+	return VMState_VM_STATE_UNSPECIFIED
+}
+
+func (x *VM) GetMemoryTargetBytes() uint64 {
+	if x != nil {
+		return x.MemoryTargetBytes
+	}
+	return 0
+}
+
+func (x *VM) GetStop() *VMStop {
+	if x != nil {
+		return x.Stop
+	}
+	return nil
+}
+
+func (x *VM) GetMigration() *VMMigration {
+	if x != nil {
+		return x.Migration
+	}
+	return nil
+}
+
+func (x *VM) GetStatus() *VMStatus {
+	if x != nil {
+		return x.Status
+	}
+	return nil
+}
+
+func (x *VM) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *VM) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *VM) GetClonedFrom() string {
+	if x != nil {
+		return x.ClonedFrom
+	}
+	return ""
+}
+
 type CreateVMRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Spec          *VMSpec                `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Spec  *VMSpec                `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	// Start the VM once it is recorded.
+	Start         bool `protobuf:"varint,3,opt,name=start,proto3" json:"start,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateVMRequest) Reset() {
 	*x = CreateVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[5]
+	mi := &file_basalt_v1_vm_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -482,7 +1132,7 @@ func (x *CreateVMRequest) String() string {
 func (*CreateVMRequest) ProtoMessage() {}
 
 func (x *CreateVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[5]
+	mi := &file_basalt_v1_vm_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -495,7 +1145,7 @@ func (x *CreateVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVMRequest.ProtoReflect.Descriptor instead.
 func (*CreateVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{5}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CreateVMRequest) GetName() string {
@@ -512,6 +1162,13 @@ func (x *CreateVMRequest) GetSpec() *VMSpec {
 	return nil
 }
 
+func (x *CreateVMRequest) GetStart() bool {
+	if x != nil {
+		return x.Start
+	}
+	return false
+}
+
 type GetVMRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -521,7 +1178,7 @@ type GetVMRequest struct {
 
 func (x *GetVMRequest) Reset() {
 	*x = GetVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[6]
+	mi := &file_basalt_v1_vm_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -533,7 +1190,7 @@ func (x *GetVMRequest) String() string {
 func (*GetVMRequest) ProtoMessage() {}
 
 func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[6]
+	mi := &file_basalt_v1_vm_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -546,7 +1203,7 @@ func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVMRequest.ProtoReflect.Descriptor instead.
 func (*GetVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{6}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetVMRequest) GetName() string {
@@ -557,14 +1214,16 @@ func (x *GetVMRequest) GetName() string {
 }
 
 type ListVMsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only the VMs assigned to this host; empty: all.
+	Host          string `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListVMsRequest) Reset() {
 	*x = ListVMsRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[7]
+	mi := &file_basalt_v1_vm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -576,7 +1235,7 @@ func (x *ListVMsRequest) String() string {
 func (*ListVMsRequest) ProtoMessage() {}
 
 func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[7]
+	mi := &file_basalt_v1_vm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -589,7 +1248,14 @@ func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsRequest.ProtoReflect.Descriptor instead.
 func (*ListVMsRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{7}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ListVMsRequest) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
 }
 
 type ListVMsResponse struct {
@@ -601,7 +1267,7 @@ type ListVMsResponse struct {
 
 func (x *ListVMsResponse) Reset() {
 	*x = ListVMsResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[8]
+	mi := &file_basalt_v1_vm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -613,7 +1279,7 @@ func (x *ListVMsResponse) String() string {
 func (*ListVMsResponse) ProtoMessage() {}
 
 func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[8]
+	mi := &file_basalt_v1_vm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -626,7 +1292,7 @@ func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsResponse.ProtoReflect.Descriptor instead.
 func (*ListVMsResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{8}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListVMsResponse) GetVms() []*VM {
@@ -637,15 +1303,17 @@ func (x *ListVMsResponse) GetVms() []*VM {
 }
 
 type DeleteVMRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Delete a VM that runs: it is killed.
+	Force         bool `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DeleteVMRequest) Reset() {
 	*x = DeleteVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[9]
+	mi := &file_basalt_v1_vm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -657,7 +1325,7 @@ func (x *DeleteVMRequest) String() string {
 func (*DeleteVMRequest) ProtoMessage() {}
 
 func (x *DeleteVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[9]
+	mi := &file_basalt_v1_vm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -670,7 +1338,7 @@ func (x *DeleteVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVMRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{9}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DeleteVMRequest) GetName() string {
@@ -678,6 +1346,13 @@ func (x *DeleteVMRequest) GetName() string {
 		return x.Name
 	}
 	return ""
+}
+
+func (x *DeleteVMRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
 }
 
 type DeleteVMResponse struct {
@@ -688,7 +1363,7 @@ type DeleteVMResponse struct {
 
 func (x *DeleteVMResponse) Reset() {
 	*x = DeleteVMResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[10]
+	mi := &file_basalt_v1_vm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -700,7 +1375,7 @@ func (x *DeleteVMResponse) String() string {
 func (*DeleteVMResponse) ProtoMessage() {}
 
 func (x *DeleteVMResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[10]
+	mi := &file_basalt_v1_vm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -713,19 +1388,21 @@ func (x *DeleteVMResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVMResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVMResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{10}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{15}
 }
 
 type StartVMRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Run it on this host; empty: chosen by placement.
+	Host          string `protobuf:"bytes,2,opt,name=host,proto3" json:"host,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StartVMRequest) Reset() {
 	*x = StartVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[11]
+	mi := &file_basalt_v1_vm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -737,7 +1414,7 @@ func (x *StartVMRequest) String() string {
 func (*StartVMRequest) ProtoMessage() {}
 
 func (x *StartVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[11]
+	mi := &file_basalt_v1_vm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -750,12 +1427,19 @@ func (x *StartVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartVMRequest.ProtoReflect.Descriptor instead.
 func (*StartVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{11}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StartVMRequest) GetName() string {
 	if x != nil {
 		return x.Name
+	}
+	return ""
+}
+
+func (x *StartVMRequest) GetHost() string {
+	if x != nil {
+		return x.Host
 	}
 	return ""
 }
@@ -773,7 +1457,7 @@ type StopVMRequest struct {
 
 func (x *StopVMRequest) Reset() {
 	*x = StopVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[12]
+	mi := &file_basalt_v1_vm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -785,7 +1469,7 @@ func (x *StopVMRequest) String() string {
 func (*StopVMRequest) ProtoMessage() {}
 
 func (x *StopVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[12]
+	mi := &file_basalt_v1_vm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -798,7 +1482,7 @@ func (x *StopVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopVMRequest.ProtoReflect.Descriptor instead.
 func (*StopVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{12}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StopVMRequest) GetName() string {
@@ -822,6 +1506,1513 @@ func (x *StopVMRequest) GetForce() bool {
 	return false
 }
 
+type KillVMRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KillVMRequest) Reset() {
+	*x = KillVMRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KillVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KillVMRequest) ProtoMessage() {}
+
+func (x *KillVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KillVMRequest.ProtoReflect.Descriptor instead.
+func (*KillVMRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *KillVMRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type PauseVMRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PauseVMRequest) Reset() {
+	*x = PauseVMRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PauseVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PauseVMRequest) ProtoMessage() {}
+
+func (x *PauseVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PauseVMRequest.ProtoReflect.Descriptor instead.
+func (*PauseVMRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *PauseVMRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ResumeVMRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeVMRequest) Reset() {
+	*x = ResumeVMRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeVMRequest) ProtoMessage() {}
+
+func (x *ResumeVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeVMRequest.ProtoReflect.Descriptor instead.
+func (*ResumeVMRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ResumeVMRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type SetVMMemoryRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	TargetBytes   uint64                 `protobuf:"varint,2,opt,name=target_bytes,json=targetBytes,proto3" json:"target_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetVMMemoryRequest) Reset() {
+	*x = SetVMMemoryRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetVMMemoryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetVMMemoryRequest) ProtoMessage() {}
+
+func (x *SetVMMemoryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetVMMemoryRequest.ProtoReflect.Descriptor instead.
+func (*SetVMMemoryRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *SetVMMemoryRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SetVMMemoryRequest) GetTargetBytes() uint64 {
+	if x != nil {
+		return x.TargetBytes
+	}
+	return 0
+}
+
+type MigrateVMRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Node ID of the target computed; empty: chosen by placement.
+	TargetHost              string `protobuf:"bytes,2,opt,name=target_host,json=targetHost,proto3" json:"target_host,omitempty"`
+	Compress                bool   `protobuf:"varint,3,opt,name=compress,proto3" json:"compress,omitempty"`
+	BandwidthBytesPerSecond uint64 `protobuf:"varint,4,opt,name=bandwidth_bytes_per_second,json=bandwidthBytesPerSecond,proto3" json:"bandwidth_bytes_per_second,omitempty"`
+	MaxDowntimeMs           uint32 `protobuf:"varint,5,opt,name=max_downtime_ms,json=maxDowntimeMs,proto3" json:"max_downtime_ms,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
+}
+
+func (x *MigrateVMRequest) Reset() {
+	*x = MigrateVMRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MigrateVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MigrateVMRequest) ProtoMessage() {}
+
+func (x *MigrateVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MigrateVMRequest.ProtoReflect.Descriptor instead.
+func (*MigrateVMRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *MigrateVMRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *MigrateVMRequest) GetTargetHost() string {
+	if x != nil {
+		return x.TargetHost
+	}
+	return ""
+}
+
+func (x *MigrateVMRequest) GetCompress() bool {
+	if x != nil {
+		return x.Compress
+	}
+	return false
+}
+
+func (x *MigrateVMRequest) GetBandwidthBytesPerSecond() uint64 {
+	if x != nil {
+		return x.BandwidthBytesPerSecond
+	}
+	return 0
+}
+
+func (x *MigrateVMRequest) GetMaxDowntimeMs() uint32 {
+	if x != nil {
+		return x.MaxDowntimeMs
+	}
+	return 0
+}
+
+type CancelMigrationRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelMigrationRequest) Reset() {
+	*x = CancelMigrationRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelMigrationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelMigrationRequest) ProtoMessage() {}
+
+func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelMigrationRequest.ProtoReflect.Descriptor instead.
+func (*CancelMigrationRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *CancelMigrationRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type GetVMStatsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetVMStatsRequest) Reset() {
+	*x = GetVMStatsRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetVMStatsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetVMStatsRequest) ProtoMessage() {}
+
+func (x *GetVMStatsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetVMStatsRequest.ProtoReflect.Descriptor instead.
+func (*GetVMStatsRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *GetVMStatsRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type DiskStats struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Volume     string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	ReadBytes  uint64                 `protobuf:"varint,2,opt,name=read_bytes,json=readBytes,proto3" json:"read_bytes,omitempty"`
+	WriteBytes uint64                 `protobuf:"varint,3,opt,name=write_bytes,json=writeBytes,proto3" json:"write_bytes,omitempty"`
+	ReadOps    uint64                 `protobuf:"varint,4,opt,name=read_ops,json=readOps,proto3" json:"read_ops,omitempty"`
+	WriteOps   uint64                 `protobuf:"varint,5,opt,name=write_ops,json=writeOps,proto3" json:"write_ops,omitempty"`
+	// Operations per second over the host's last sampling interval.
+	ReadIops      float64 `protobuf:"fixed64,6,opt,name=read_iops,json=readIops,proto3" json:"read_iops,omitempty"`
+	WriteIops     float64 `protobuf:"fixed64,7,opt,name=write_iops,json=writeIops,proto3" json:"write_iops,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiskStats) Reset() {
+	*x = DiskStats{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiskStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiskStats) ProtoMessage() {}
+
+func (x *DiskStats) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiskStats.ProtoReflect.Descriptor instead.
+func (*DiskStats) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *DiskStats) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *DiskStats) GetReadBytes() uint64 {
+	if x != nil {
+		return x.ReadBytes
+	}
+	return 0
+}
+
+func (x *DiskStats) GetWriteBytes() uint64 {
+	if x != nil {
+		return x.WriteBytes
+	}
+	return 0
+}
+
+func (x *DiskStats) GetReadOps() uint64 {
+	if x != nil {
+		return x.ReadOps
+	}
+	return 0
+}
+
+func (x *DiskStats) GetWriteOps() uint64 {
+	if x != nil {
+		return x.WriteOps
+	}
+	return 0
+}
+
+func (x *DiskStats) GetReadIops() float64 {
+	if x != nil {
+		return x.ReadIops
+	}
+	return 0
+}
+
+func (x *DiskStats) GetWriteIops() float64 {
+	if x != nil {
+		return x.WriteIops
+	}
+	return 0
+}
+
+// VMStats are a VM's meters, counted since its hypervisor process started on its current host.
+type VMStats struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Host      string                 `protobuf:"bytes,2,opt,name=host,proto3" json:"host,omitempty"`
+	SampledAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=sampled_at,json=sampledAt,proto3" json:"sampled_at,omitempty"`
+	// CPU time of the hypervisor process (vCPUs and device emulation).
+	CpuTimeNs uint64 `protobuf:"varint,4,opt,name=cpu_time_ns,json=cpuTimeNs,proto3" json:"cpu_time_ns,omitempty"`
+	// CPUs used over the host's last sampling interval (1.0 = one CPU busy).
+	CpuUsage           float64      `protobuf:"fixed64,5,opt,name=cpu_usage,json=cpuUsage,proto3" json:"cpu_usage,omitempty"`
+	MemoryTargetBytes  uint64       `protobuf:"varint,6,opt,name=memory_target_bytes,json=memoryTargetBytes,proto3" json:"memory_target_bytes,omitempty"`
+	MemoryActualBytes  uint64       `protobuf:"varint,7,opt,name=memory_actual_bytes,json=memoryActualBytes,proto3" json:"memory_actual_bytes,omitempty"`
+	MemoryMaximumBytes uint64       `protobuf:"varint,8,opt,name=memory_maximum_bytes,json=memoryMaximumBytes,proto3" json:"memory_maximum_bytes,omitempty"`
+	Disks              []*DiskStats `protobuf:"bytes,9,rep,name=disks,proto3" json:"disks,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *VMStats) Reset() {
+	*x = VMStats{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMStats) ProtoMessage() {}
+
+func (x *VMStats) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMStats.ProtoReflect.Descriptor instead.
+func (*VMStats) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *VMStats) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VMStats) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *VMStats) GetSampledAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.SampledAt
+	}
+	return nil
+}
+
+func (x *VMStats) GetCpuTimeNs() uint64 {
+	if x != nil {
+		return x.CpuTimeNs
+	}
+	return 0
+}
+
+func (x *VMStats) GetCpuUsage() float64 {
+	if x != nil {
+		return x.CpuUsage
+	}
+	return 0
+}
+
+func (x *VMStats) GetMemoryTargetBytes() uint64 {
+	if x != nil {
+		return x.MemoryTargetBytes
+	}
+	return 0
+}
+
+func (x *VMStats) GetMemoryActualBytes() uint64 {
+	if x != nil {
+		return x.MemoryActualBytes
+	}
+	return 0
+}
+
+func (x *VMStats) GetMemoryMaximumBytes() uint64 {
+	if x != nil {
+		return x.MemoryMaximumBytes
+	}
+	return 0
+}
+
+func (x *VMStats) GetDisks() []*DiskStats {
+	if x != nil {
+		return x.Disks
+	}
+	return nil
+}
+
+// ConsoleInput is a message from a console viewer. The first one names the VM and sets the options; the
+// others carry keystrokes.
+type ConsoleInput struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Data  []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	// First message: send the last tail_bytes of the console log before live output.
+	TailBytes uint32 `protobuf:"varint,3,opt,name=tail_bytes,json=tailBytes,proto3" json:"tail_bytes,omitempty"`
+	// First message: send only the log tail, then end the stream (post-mortem; works for a stopped VM).
+	NoFollow bool `protobuf:"varint,4,opt,name=no_follow,json=noFollow,proto3" json:"no_follow,omitempty"`
+	// First message (internal, metad to computed after a migration): send everything the console printed since
+	// the machine started on this host, so output between the switchover and the reconnection is not lost.
+	SinceStart bool `protobuf:"varint,5,opt,name=since_start,json=sinceStart,proto3" json:"since_start,omitempty"`
+	// First message (internal, metad to computed after its stream broke): go on from this offset of this
+	// console, as far as the host still holds it; a console_id that is not the machine's current one means
+	// since_start.
+	ResumeConsoleId string `protobuf:"bytes,6,opt,name=resume_console_id,json=resumeConsoleId,proto3" json:"resume_console_id,omitempty"`
+	ResumeOffset    uint64 `protobuf:"varint,7,opt,name=resume_offset,json=resumeOffset,proto3" json:"resume_offset,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ConsoleInput) Reset() {
+	*x = ConsoleInput{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleInput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleInput) ProtoMessage() {}
+
+func (x *ConsoleInput) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleInput.ProtoReflect.Descriptor instead.
+func (*ConsoleInput) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *ConsoleInput) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ConsoleInput) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *ConsoleInput) GetTailBytes() uint32 {
+	if x != nil {
+		return x.TailBytes
+	}
+	return 0
+}
+
+func (x *ConsoleInput) GetNoFollow() bool {
+	if x != nil {
+		return x.NoFollow
+	}
+	return false
+}
+
+func (x *ConsoleInput) GetSinceStart() bool {
+	if x != nil {
+		return x.SinceStart
+	}
+	return false
+}
+
+func (x *ConsoleInput) GetResumeConsoleId() string {
+	if x != nil {
+		return x.ResumeConsoleId
+	}
+	return ""
+}
+
+func (x *ConsoleInput) GetResumeOffset() uint64 {
+	if x != nil {
+		return x.ResumeOffset
+	}
+	return 0
+}
+
+type ConsoleOutput struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Data  []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	// A message for the viewer from Basalt itself (the VM moved, stopped, ...), not guest output.
+	Notice string `protobuf:"bytes,2,opt,name=notice,proto3" json:"notice,omitempty"`
+	// Live output only: which console of the machine on its host this is (new after a start, a migration or a
+	// restart of computed), and the offset of data's first byte in it. A relay resumes from them.
+	ConsoleId     string `protobuf:"bytes,3,opt,name=console_id,json=consoleId,proto3" json:"console_id,omitempty"`
+	Offset        uint64 `protobuf:"varint,4,opt,name=offset,proto3" json:"offset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleOutput) Reset() {
+	*x = ConsoleOutput{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleOutput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleOutput) ProtoMessage() {}
+
+func (x *ConsoleOutput) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleOutput.ProtoReflect.Descriptor instead.
+func (*ConsoleOutput) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ConsoleOutput) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *ConsoleOutput) GetNotice() string {
+	if x != nil {
+		return x.Notice
+	}
+	return ""
+}
+
+func (x *ConsoleOutput) GetConsoleId() string {
+	if x != nil {
+		return x.ConsoleId
+	}
+	return ""
+}
+
+func (x *ConsoleOutput) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+type CloneVMRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The running or stopped VM to clone.
+	Source string `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	// The new VM; its volumes are named <name>-<source volume>.
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// Name of the checkpoint taken of the source's volumes; empty: "clone-<name>".
+	Checkpoint    string `protobuf:"bytes,3,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	Start         bool   `protobuf:"varint,4,opt,name=start,proto3" json:"start,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloneVMRequest) Reset() {
+	*x = CloneVMRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloneVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloneVMRequest) ProtoMessage() {}
+
+func (x *CloneVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloneVMRequest.ProtoReflect.Descriptor instead.
+func (*CloneVMRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *CloneVMRequest) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *CloneVMRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CloneVMRequest) GetCheckpoint() string {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return ""
+}
+
+func (x *CloneVMRequest) GetStart() bool {
+	if x != nil {
+		return x.Start
+	}
+	return false
+}
+
+// ComputeHost is what a computed publishes about its host (key /basalt/v1/compute/hosts/<node>): what it
+// offers to VMs. Its liveness is the node's registration lease.
+type ComputeHost struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Node     string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Hostname string                 `protobuf:"bytes,2,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	// Driver name: qemu or cloudhv; a VM migrates only between hosts with the same one.
+	Hypervisor string `protobuf:"bytes,3,opt,name=hypervisor,proto3" json:"hypervisor,omitempty"`
+	Accel      string `protobuf:"bytes,4,opt,name=accel,proto3" json:"accel,omitempty"`
+	// Memory offered to VMs (the --memory flag), and CPUs.
+	MemoryBytes uint64 `protobuf:"varint,5,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
+	Vcpus       uint32 `protobuf:"varint,6,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	// Node ID of the netd on the same host; empty: the host has no virtual networks.
+	NetdNode      string                 `protobuf:"bytes,7,opt,name=netd_node,json=netdNode,proto3" json:"netd_node,omitempty"`
+	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ComputeHost) Reset() {
+	*x = ComputeHost{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ComputeHost) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ComputeHost) ProtoMessage() {}
+
+func (x *ComputeHost) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ComputeHost.ProtoReflect.Descriptor instead.
+func (*ComputeHost) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ComputeHost) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *ComputeHost) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+func (x *ComputeHost) GetHypervisor() string {
+	if x != nil {
+		return x.Hypervisor
+	}
+	return ""
+}
+
+func (x *ComputeHost) GetAccel() string {
+	if x != nil {
+		return x.Accel
+	}
+	return ""
+}
+
+func (x *ComputeHost) GetMemoryBytes() uint64 {
+	if x != nil {
+		return x.MemoryBytes
+	}
+	return 0
+}
+
+func (x *ComputeHost) GetVcpus() uint32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
+func (x *ComputeHost) GetNetdNode() string {
+	if x != nil {
+		return x.NetdNode
+	}
+	return ""
+}
+
+func (x *ComputeHost) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
+// HostMaintenance is a host's maintenance state, written by metad (key /basalt/v1/compute/maintenance/<node>).
+type HostMaintenance struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Node     string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Draining bool                   `protobuf:"varint,2,opt,name=draining,proto3" json:"draining,omitempty"`
+	// Migrations the host runs at once while draining.
+	Parallel                uint32                 `protobuf:"varint,3,opt,name=parallel,proto3" json:"parallel,omitempty"`
+	Compress                bool                   `protobuf:"varint,4,opt,name=compress,proto3" json:"compress,omitempty"`
+	BandwidthBytesPerSecond uint64                 `protobuf:"varint,5,opt,name=bandwidth_bytes_per_second,json=bandwidthBytesPerSecond,proto3" json:"bandwidth_bytes_per_second,omitempty"`
+	RequestedAt             *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=requested_at,json=requestedAt,proto3" json:"requested_at,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
+}
+
+func (x *HostMaintenance) Reset() {
+	*x = HostMaintenance{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HostMaintenance) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HostMaintenance) ProtoMessage() {}
+
+func (x *HostMaintenance) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HostMaintenance.ProtoReflect.Descriptor instead.
+func (*HostMaintenance) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *HostMaintenance) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *HostMaintenance) GetDraining() bool {
+	if x != nil {
+		return x.Draining
+	}
+	return false
+}
+
+func (x *HostMaintenance) GetParallel() uint32 {
+	if x != nil {
+		return x.Parallel
+	}
+	return 0
+}
+
+func (x *HostMaintenance) GetCompress() bool {
+	if x != nil {
+		return x.Compress
+	}
+	return false
+}
+
+func (x *HostMaintenance) GetBandwidthBytesPerSecond() uint64 {
+	if x != nil {
+		return x.BandwidthBytesPerSecond
+	}
+	return 0
+}
+
+func (x *HostMaintenance) GetRequestedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RequestedAt
+	}
+	return nil
+}
+
+type ComputeHostStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Host  *ComputeHost           `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	// The node holds a live lease.
+	Up          bool             `protobuf:"varint,2,opt,name=up,proto3" json:"up,omitempty"`
+	Maintenance *HostMaintenance `protobuf:"bytes,3,opt,name=maintenance,proto3" json:"maintenance,omitempty"`
+	// Sum of the balloon targets of the VMs assigned to the host that should run (and of VMs migrating to it).
+	MemoryCommittedBytes uint64 `protobuf:"varint,4,opt,name=memory_committed_bytes,json=memoryCommittedBytes,proto3" json:"memory_committed_bytes,omitempty"`
+	// VMs assigned to the host that should run.
+	Vms []string `protobuf:"bytes,5,rep,name=vms,proto3" json:"vms,omitempty"`
+	// VMs migrating away from the host.
+	Migrating     []string `protobuf:"bytes,6,rep,name=migrating,proto3" json:"migrating,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ComputeHostStatus) Reset() {
+	*x = ComputeHostStatus{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ComputeHostStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ComputeHostStatus) ProtoMessage() {}
+
+func (x *ComputeHostStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ComputeHostStatus.ProtoReflect.Descriptor instead.
+func (*ComputeHostStatus) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ComputeHostStatus) GetHost() *ComputeHost {
+	if x != nil {
+		return x.Host
+	}
+	return nil
+}
+
+func (x *ComputeHostStatus) GetUp() bool {
+	if x != nil {
+		return x.Up
+	}
+	return false
+}
+
+func (x *ComputeHostStatus) GetMaintenance() *HostMaintenance {
+	if x != nil {
+		return x.Maintenance
+	}
+	return nil
+}
+
+func (x *ComputeHostStatus) GetMemoryCommittedBytes() uint64 {
+	if x != nil {
+		return x.MemoryCommittedBytes
+	}
+	return 0
+}
+
+func (x *ComputeHostStatus) GetVms() []string {
+	if x != nil {
+		return x.Vms
+	}
+	return nil
+}
+
+func (x *ComputeHostStatus) GetMigrating() []string {
+	if x != nil {
+		return x.Migrating
+	}
+	return nil
+}
+
+type ListHostsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListHostsRequest) Reset() {
+	*x = ListHostsRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListHostsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListHostsRequest) ProtoMessage() {}
+
+func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListHostsRequest.ProtoReflect.Descriptor instead.
+func (*ListHostsRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{33}
+}
+
+type ListHostsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Hosts         []*ComputeHostStatus   `protobuf:"bytes,1,rep,name=hosts,proto3" json:"hosts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListHostsResponse) Reset() {
+	*x = ListHostsResponse{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListHostsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListHostsResponse) ProtoMessage() {}
+
+func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListHostsResponse.ProtoReflect.Descriptor instead.
+func (*ListHostsResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *ListHostsResponse) GetHosts() []*ComputeHostStatus {
+	if x != nil {
+		return x.Hosts
+	}
+	return nil
+}
+
+type DrainHostRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Host  string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	// Migrations at once; 0: 2.
+	Parallel                uint32 `protobuf:"varint,2,opt,name=parallel,proto3" json:"parallel,omitempty"`
+	Compress                bool   `protobuf:"varint,3,opt,name=compress,proto3" json:"compress,omitempty"`
+	BandwidthBytesPerSecond uint64 `protobuf:"varint,4,opt,name=bandwidth_bytes_per_second,json=bandwidthBytesPerSecond,proto3" json:"bandwidth_bytes_per_second,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
+}
+
+func (x *DrainHostRequest) Reset() {
+	*x = DrainHostRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainHostRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainHostRequest) ProtoMessage() {}
+
+func (x *DrainHostRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainHostRequest.ProtoReflect.Descriptor instead.
+func (*DrainHostRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *DrainHostRequest) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *DrainHostRequest) GetParallel() uint32 {
+	if x != nil {
+		return x.Parallel
+	}
+	return 0
+}
+
+func (x *DrainHostRequest) GetCompress() bool {
+	if x != nil {
+		return x.Compress
+	}
+	return false
+}
+
+func (x *DrainHostRequest) GetBandwidthBytesPerSecond() uint64 {
+	if x != nil {
+		return x.BandwidthBytesPerSecond
+	}
+	return 0
+}
+
+type DrainHostResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Host  *ComputeHostStatus     `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	// The VMs whose migration was requested (each with its `migration`).
+	Moving []*VM `protobuf:"bytes,2,rep,name=moving,proto3" json:"moving,omitempty"`
+	// VMs that could not be given a target, with the reason; they stay on the host.
+	Problems      []string `protobuf:"bytes,3,rep,name=problems,proto3" json:"problems,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainHostResponse) Reset() {
+	*x = DrainHostResponse{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainHostResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainHostResponse) ProtoMessage() {}
+
+func (x *DrainHostResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainHostResponse.ProtoReflect.Descriptor instead.
+func (*DrainHostResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *DrainHostResponse) GetHost() *ComputeHostStatus {
+	if x != nil {
+		return x.Host
+	}
+	return nil
+}
+
+func (x *DrainHostResponse) GetMoving() []*VM {
+	if x != nil {
+		return x.Moving
+	}
+	return nil
+}
+
+func (x *DrainHostResponse) GetProblems() []string {
+	if x != nil {
+		return x.Problems
+	}
+	return nil
+}
+
+type UndrainHostRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Host          string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UndrainHostRequest) Reset() {
+	*x = UndrainHostRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UndrainHostRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UndrainHostRequest) ProtoMessage() {}
+
+func (x *UndrainHostRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UndrainHostRequest.ProtoReflect.Descriptor instead.
+func (*UndrainHostRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *UndrainHostRequest) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+type PrepareIncomingRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The VM's declaration, with its migration (whose target is the called host).
+	Vm            *VM `protobuf:"bytes,1,opt,name=vm,proto3" json:"vm,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareIncomingRequest) Reset() {
+	*x = PrepareIncomingRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareIncomingRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareIncomingRequest) ProtoMessage() {}
+
+func (x *PrepareIncomingRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareIncomingRequest.ProtoReflect.Descriptor instead.
+func (*PrepareIncomingRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *PrepareIncomingRequest) GetVm() *VM {
+	if x != nil {
+		return x.Vm
+	}
+	return nil
+}
+
+type PrepareIncomingResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Uri           string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareIncomingResponse) Reset() {
+	*x = PrepareIncomingResponse{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareIncomingResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareIncomingResponse) ProtoMessage() {}
+
+func (x *PrepareIncomingResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareIncomingResponse.ProtoReflect.Descriptor instead.
+func (*PrepareIncomingResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *PrepareIncomingResponse) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
+type AbortIncomingRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	MigrationId   string                 `protobuf:"bytes,2,opt,name=migration_id,json=migrationId,proto3" json:"migration_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AbortIncomingRequest) Reset() {
+	*x = AbortIncomingRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AbortIncomingRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AbortIncomingRequest) ProtoMessage() {}
+
+func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AbortIncomingRequest.ProtoReflect.Descriptor instead.
+func (*AbortIncomingRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *AbortIncomingRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AbortIncomingRequest) GetMigrationId() string {
+	if x != nil {
+		return x.MigrationId
+	}
+	return ""
+}
+
+type AbortIncomingResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AbortIncomingResponse) Reset() {
+	*x = AbortIncomingResponse{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AbortIncomingResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AbortIncomingResponse) ProtoMessage() {}
+
+func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AbortIncomingResponse.ProtoReflect.Descriptor instead.
+func (*AbortIncomingResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{41}
+}
+
 var File_basalt_v1_vm_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_vm_proto_rawDesc = "" +
@@ -837,37 +3028,229 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"boot_order\x18\x02 \x01(\rR\tbootOrder\"5\n" +
 	"\x05VMNic\x12\x18\n" +
 	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x12\n" +
-	"\x04port\x18\x02 \x01(\tR\x04port\"\xcb\x01\n" +
+	"\x04port\x18\x02 \x01(\tR\x04port\"]\n" +
+	"\vVMPlacement\x12'\n" +
+	"\x0fpreferred_hosts\x18\x01 \x03(\tR\x0epreferredHosts\x12%\n" +
+	"\x0epossible_hosts\x18\x02 \x03(\tR\rpossibleHosts\"\xcb\x02\n" +
 	"\x06VMSpec\x12\x14\n" +
 	"\x05vcpus\x18\x01 \x01(\rR\x05vcpus\x12+\n" +
 	"\x06memory\x18\x02 \x01(\v2\x13.basalt.v1.VMMemoryR\x06memory\x12'\n" +
 	"\x05disks\x18\x03 \x03(\v2\x11.basalt.v1.VMDiskR\x05disks\x12$\n" +
 	"\x04nics\x18\x04 \x03(\v2\x10.basalt.v1.VMNicR\x04nics\x12/\n" +
-	"\bfirmware\x18\x05 \x01(\x0e2\x13.basalt.v1.FirmwareR\bfirmware\"\xb8\x01\n" +
+	"\bfirmware\x18\x05 \x01(\x0e2\x13.basalt.v1.FirmwareR\bfirmware\x12\x16\n" +
+	"\x06kernel\x18\x06 \x01(\tR\x06kernel\x12\x16\n" +
+	"\x06initrd\x18\a \x01(\tR\x06initrd\x12\x18\n" +
+	"\acmdline\x18\b \x01(\tR\acmdline\x124\n" +
+	"\tplacement\x18\t \x01(\v2\x16.basalt.v1.VMPlacementR\tplacement\"\x86\x01\n" +
+	"\x06VMStop\x12=\n" +
+	"\frequested_at\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\vrequestedAt\x12'\n" +
+	"\x0ftimeout_seconds\x18\x02 \x01(\rR\x0etimeoutSeconds\x12\x14\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"\xbb\x02\n" +
+	"\vVMMigration\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06source\x18\x02 \x01(\tR\x06source\x12\x16\n" +
+	"\x06target\x18\x03 \x01(\tR\x06target\x12\x1a\n" +
+	"\bcompress\x18\x04 \x01(\bR\bcompress\x12;\n" +
+	"\x1abandwidth_bytes_per_second\x18\x05 \x01(\x04R\x17bandwidthBytesPerSecond\x12&\n" +
+	"\x0fmax_downtime_ms\x18\x06 \x01(\rR\rmaxDowntimeMs\x12=\n" +
+	"\frequested_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\vrequestedAt\x12\x16\n" +
+	"\x06cancel\x18\b \x01(\bR\x06cancel\x12\x14\n" +
+	"\x05drain\x18\t \x01(\bR\x05drain\"\xea\x03\n" +
+	"\x11MigrationProgress\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06source\x18\x02 \x01(\tR\x06source\x12\x16\n" +
+	"\x06target\x18\x03 \x01(\tR\x06target\x12\x16\n" +
+	"\x06status\x18\x04 \x01(\tR\x06status\x12+\n" +
+	"\x11transferred_bytes\x18\x05 \x01(\x04R\x10transferredBytes\x12'\n" +
+	"\x0fremaining_bytes\x18\x06 \x01(\x04R\x0eremainingBytes\x12\x1f\n" +
+	"\vtotal_bytes\x18\a \x01(\x04R\n" +
+	"totalBytes\x12\x1f\n" +
+	"\vdowntime_ms\x18\b \x01(\rR\n" +
+	"downtimeMs\x129\n" +
+	"\n" +
+	"started_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x12;\n" +
+	"\vfinished_at\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"finishedAt\x12\x14\n" +
+	"\x05error\x18\v \x01(\tR\x05error\x12\x1a\n" +
+	"\bcompress\x18\f \x01(\bR\bcompress\x12;\n" +
+	"\x1abandwidth_bytes_per_second\x18\r \x01(\x04R\x17bandwidthBytesPerSecond\"\xe7\x04\n" +
+	"\bVMStatus\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04host\x18\x02 \x01(\tR\x04host\x12(\n" +
+	"\x05state\x18\x03 \x01(\x0e2\x12.basalt.v1.VMStateR\x05state\x12\x1e\n" +
+	"\n" +
+	"hypervisor\x18\x04 \x01(\tR\n" +
+	"hypervisor\x12\x14\n" +
+	"\x05accel\x18\x05 \x01(\tR\x05accel\x12\x10\n" +
+	"\x03pid\x18\x06 \x01(\x05R\x03pid\x12\x1f\n" +
+	"\vconsole_log\x18\a \x01(\tR\n" +
+	"consoleLog\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\b \x01(\tR\tlastError\x12>\n" +
+	"\rlast_error_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\vlastErrorAt\x12:\n" +
+	"\tmigration\x18\n" +
+	" \x01(\v2\x1c.basalt.v1.MigrationProgressR\tmigration\x12.\n" +
+	"\x13memory_actual_bytes\x18\v \x01(\x04R\x11memoryActualBytes\x12.\n" +
+	"\x13memory_target_bytes\x18\f \x01(\x04R\x11memoryTargetBytes\x12/\n" +
+	"\x13observed_generation\x18\r \x01(\x04R\x12observedGeneration\x129\n" +
+	"\n" +
+	"started_at\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x129\n" +
+	"\n" +
+	"updated_at\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\x88\x04\n" +
 	"\x02VM\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x04spec\x18\x02 \x01(\v2\x11.basalt.v1.VMSpecR\x04spec\x12(\n" +
 	"\x05state\x18\x03 \x01(\x0e2\x12.basalt.v1.VMStateR\x05state\x12\x12\n" +
 	"\x04host\x18\x04 \x01(\tR\x04host\x129\n" +
 	"\n" +
-	"created_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"L\n" +
+	"created_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x127\n" +
+	"\rdesired_state\x18\x06 \x01(\x0e2\x12.basalt.v1.VMStateR\fdesiredState\x12.\n" +
+	"\x13memory_target_bytes\x18\a \x01(\x04R\x11memoryTargetBytes\x12%\n" +
+	"\x04stop\x18\b \x01(\v2\x11.basalt.v1.VMStopR\x04stop\x124\n" +
+	"\tmigration\x18\t \x01(\v2\x16.basalt.v1.VMMigrationR\tmigration\x12+\n" +
+	"\x06status\x18\n" +
+	" \x01(\v2\x13.basalt.v1.VMStatusR\x06status\x12\x1a\n" +
+	"\brevision\x18\v \x01(\x03R\brevision\x12\x1e\n" +
+	"\n" +
+	"generation\x18\f \x01(\x04R\n" +
+	"generation\x12\x1f\n" +
+	"\vcloned_from\x18\r \x01(\tR\n" +
+	"clonedFrom\"b\n" +
 	"\x0fCreateVMRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
-	"\x04spec\x18\x02 \x01(\v2\x11.basalt.v1.VMSpecR\x04spec\"\"\n" +
+	"\x04spec\x18\x02 \x01(\v2\x11.basalt.v1.VMSpecR\x04spec\x12\x14\n" +
+	"\x05start\x18\x03 \x01(\bR\x05start\"\"\n" +
 	"\fGetVMRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x10\n" +
-	"\x0eListVMsRequest\"2\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"$\n" +
+	"\x0eListVMsRequest\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\"2\n" +
 	"\x0fListVMsResponse\x12\x1f\n" +
-	"\x03vms\x18\x01 \x03(\v2\r.basalt.v1.VMR\x03vms\"%\n" +
+	"\x03vms\x18\x01 \x03(\v2\r.basalt.v1.VMR\x03vms\";\n" +
 	"\x0fDeleteVMRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x12\n" +
-	"\x10DeleteVMResponse\"$\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05force\x18\x02 \x01(\bR\x05force\"\x12\n" +
+	"\x10DeleteVMResponse\"8\n" +
 	"\x0eStartVMRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"b\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04host\x18\x02 \x01(\tR\x04host\"b\n" +
 	"\rStopVMRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12'\n" +
 	"\x0ftimeout_seconds\x18\x02 \x01(\rR\x0etimeoutSeconds\x12\x14\n" +
-	"\x05force\x18\x03 \x01(\bR\x05force*\x85\x01\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"#\n" +
+	"\rKillVMRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"$\n" +
+	"\x0ePauseVMRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"%\n" +
+	"\x0fResumeVMRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"K\n" +
+	"\x12SetVMMemoryRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
+	"\ftarget_bytes\x18\x02 \x01(\x04R\vtargetBytes\"\xc8\x01\n" +
+	"\x10MigrateVMRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
+	"\vtarget_host\x18\x02 \x01(\tR\n" +
+	"targetHost\x12\x1a\n" +
+	"\bcompress\x18\x03 \x01(\bR\bcompress\x12;\n" +
+	"\x1abandwidth_bytes_per_second\x18\x04 \x01(\x04R\x17bandwidthBytesPerSecond\x12&\n" +
+	"\x0fmax_downtime_ms\x18\x05 \x01(\rR\rmaxDowntimeMs\",\n" +
+	"\x16CancelMigrationRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"'\n" +
+	"\x11GetVMStatsRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xd7\x01\n" +
+	"\tDiskStats\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x1d\n" +
+	"\n" +
+	"read_bytes\x18\x02 \x01(\x04R\treadBytes\x12\x1f\n" +
+	"\vwrite_bytes\x18\x03 \x01(\x04R\n" +
+	"writeBytes\x12\x19\n" +
+	"\bread_ops\x18\x04 \x01(\x04R\areadOps\x12\x1b\n" +
+	"\twrite_ops\x18\x05 \x01(\x04R\bwriteOps\x12\x1b\n" +
+	"\tread_iops\x18\x06 \x01(\x01R\breadIops\x12\x1d\n" +
+	"\n" +
+	"write_iops\x18\a \x01(\x01R\twriteIops\"\xe7\x02\n" +
+	"\aVMStats\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04host\x18\x02 \x01(\tR\x04host\x129\n" +
+	"\n" +
+	"sampled_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tsampledAt\x12\x1e\n" +
+	"\vcpu_time_ns\x18\x04 \x01(\x04R\tcpuTimeNs\x12\x1b\n" +
+	"\tcpu_usage\x18\x05 \x01(\x01R\bcpuUsage\x12.\n" +
+	"\x13memory_target_bytes\x18\x06 \x01(\x04R\x11memoryTargetBytes\x12.\n" +
+	"\x13memory_actual_bytes\x18\a \x01(\x04R\x11memoryActualBytes\x120\n" +
+	"\x14memory_maximum_bytes\x18\b \x01(\x04R\x12memoryMaximumBytes\x12*\n" +
+	"\x05disks\x18\t \x03(\v2\x14.basalt.v1.DiskStatsR\x05disks\"\xe4\x01\n" +
+	"\fConsoleInput\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x1d\n" +
+	"\n" +
+	"tail_bytes\x18\x03 \x01(\rR\ttailBytes\x12\x1b\n" +
+	"\tno_follow\x18\x04 \x01(\bR\bnoFollow\x12\x1f\n" +
+	"\vsince_start\x18\x05 \x01(\bR\n" +
+	"sinceStart\x12*\n" +
+	"\x11resume_console_id\x18\x06 \x01(\tR\x0fresumeConsoleId\x12#\n" +
+	"\rresume_offset\x18\a \x01(\x04R\fresumeOffset\"r\n" +
+	"\rConsoleOutput\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x16\n" +
+	"\x06notice\x18\x02 \x01(\tR\x06notice\x12\x1d\n" +
+	"\n" +
+	"console_id\x18\x03 \x01(\tR\tconsoleId\x12\x16\n" +
+	"\x06offset\x18\x04 \x01(\x04R\x06offset\"r\n" +
+	"\x0eCloneVMRequest\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1e\n" +
+	"\n" +
+	"checkpoint\x18\x03 \x01(\tR\n" +
+	"checkpoint\x12\x14\n" +
+	"\x05start\x18\x04 \x01(\bR\x05start\"\x84\x02\n" +
+	"\vComputeHost\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1a\n" +
+	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x1e\n" +
+	"\n" +
+	"hypervisor\x18\x03 \x01(\tR\n" +
+	"hypervisor\x12\x14\n" +
+	"\x05accel\x18\x04 \x01(\tR\x05accel\x12!\n" +
+	"\fmemory_bytes\x18\x05 \x01(\x04R\vmemoryBytes\x12\x14\n" +
+	"\x05vcpus\x18\x06 \x01(\rR\x05vcpus\x12\x1b\n" +
+	"\tnetd_node\x18\a \x01(\tR\bnetdNode\x129\n" +
+	"\n" +
+	"updated_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\xf5\x01\n" +
+	"\x0fHostMaintenance\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1a\n" +
+	"\bdraining\x18\x02 \x01(\bR\bdraining\x12\x1a\n" +
+	"\bparallel\x18\x03 \x01(\rR\bparallel\x12\x1a\n" +
+	"\bcompress\x18\x04 \x01(\bR\bcompress\x12;\n" +
+	"\x1abandwidth_bytes_per_second\x18\x05 \x01(\x04R\x17bandwidthBytesPerSecond\x12=\n" +
+	"\frequested_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\vrequestedAt\"\xf3\x01\n" +
+	"\x11ComputeHostStatus\x12*\n" +
+	"\x04host\x18\x01 \x01(\v2\x16.basalt.v1.ComputeHostR\x04host\x12\x0e\n" +
+	"\x02up\x18\x02 \x01(\bR\x02up\x12<\n" +
+	"\vmaintenance\x18\x03 \x01(\v2\x1a.basalt.v1.HostMaintenanceR\vmaintenance\x124\n" +
+	"\x16memory_committed_bytes\x18\x04 \x01(\x04R\x14memoryCommittedBytes\x12\x10\n" +
+	"\x03vms\x18\x05 \x03(\tR\x03vms\x12\x1c\n" +
+	"\tmigrating\x18\x06 \x03(\tR\tmigrating\"\x12\n" +
+	"\x10ListHostsRequest\"G\n" +
+	"\x11ListHostsResponse\x122\n" +
+	"\x05hosts\x18\x01 \x03(\v2\x1c.basalt.v1.ComputeHostStatusR\x05hosts\"\x9b\x01\n" +
+	"\x10DrainHostRequest\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\x12\x1a\n" +
+	"\bparallel\x18\x02 \x01(\rR\bparallel\x12\x1a\n" +
+	"\bcompress\x18\x03 \x01(\bR\bcompress\x12;\n" +
+	"\x1abandwidth_bytes_per_second\x18\x04 \x01(\x04R\x17bandwidthBytesPerSecond\"\x88\x01\n" +
+	"\x11DrainHostResponse\x120\n" +
+	"\x04host\x18\x01 \x01(\v2\x1c.basalt.v1.ComputeHostStatusR\x04host\x12%\n" +
+	"\x06moving\x18\x02 \x03(\v2\r.basalt.v1.VMR\x06moving\x12\x1a\n" +
+	"\bproblems\x18\x03 \x03(\tR\bproblems\"(\n" +
+	"\x12UndrainHostRequest\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\"7\n" +
+	"\x16PrepareIncomingRequest\x12\x1d\n" +
+	"\x02vm\x18\x01 \x01(\v2\r.basalt.v1.VMR\x02vm\"+\n" +
+	"\x17PrepareIncomingResponse\x12\x10\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\"M\n" +
+	"\x14AbortIncomingRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
+	"\fmigration_id\x18\x02 \x01(\tR\vmigrationId\"\x17\n" +
+	"\x15AbortIncomingResponse*\x85\x01\n" +
 	"\bFirmware\x12\x18\n" +
 	"\x14FIRMWARE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rFIRMWARE_BIOS\x10\x01\x12\x11\n" +
@@ -882,14 +3265,33 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\x0fVM_STATE_PAUSED\x10\x04\x12\x15\n" +
 	"\x11VM_STATE_STOPPING\x10\x05\x12\x16\n" +
 	"\x12VM_STATE_MIGRATING\x10\x06\x12\x13\n" +
-	"\x0fVM_STATE_FAILED\x10\a2\xe2\x02\n" +
+	"\x0fVM_STATE_FAILED\x10\a2\xd5\b\n" +
 	"\tVMService\x125\n" +
 	"\bCreateVM\x12\x1a.basalt.v1.CreateVMRequest\x1a\r.basalt.v1.VM\x12/\n" +
 	"\x05GetVM\x12\x17.basalt.v1.GetVMRequest\x1a\r.basalt.v1.VM\x12@\n" +
 	"\aListVMs\x12\x19.basalt.v1.ListVMsRequest\x1a\x1a.basalt.v1.ListVMsResponse\x12C\n" +
 	"\bDeleteVM\x12\x1a.basalt.v1.DeleteVMRequest\x1a\x1b.basalt.v1.DeleteVMResponse\x123\n" +
 	"\aStartVM\x12\x19.basalt.v1.StartVMRequest\x1a\r.basalt.v1.VM\x121\n" +
-	"\x06StopVM\x12\x18.basalt.v1.StopVMRequest\x1a\r.basalt.v1.VMB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
+	"\x06StopVM\x12\x18.basalt.v1.StopVMRequest\x1a\r.basalt.v1.VM\x121\n" +
+	"\x06KillVM\x12\x18.basalt.v1.KillVMRequest\x1a\r.basalt.v1.VM\x123\n" +
+	"\aPauseVM\x12\x19.basalt.v1.PauseVMRequest\x1a\r.basalt.v1.VM\x125\n" +
+	"\bResumeVM\x12\x1a.basalt.v1.ResumeVMRequest\x1a\r.basalt.v1.VM\x12;\n" +
+	"\vSetVMMemory\x12\x1d.basalt.v1.SetVMMemoryRequest\x1a\r.basalt.v1.VM\x127\n" +
+	"\tMigrateVM\x12\x1b.basalt.v1.MigrateVMRequest\x1a\r.basalt.v1.VM\x12C\n" +
+	"\x0fCancelMigration\x12!.basalt.v1.CancelMigrationRequest\x1a\r.basalt.v1.VM\x12>\n" +
+	"\n" +
+	"GetVMStats\x12\x1c.basalt.v1.GetVMStatsRequest\x1a\x12.basalt.v1.VMStats\x12F\n" +
+	"\rStreamConsole\x12\x17.basalt.v1.ConsoleInput\x1a\x18.basalt.v1.ConsoleOutput(\x010\x01\x123\n" +
+	"\aCloneVM\x12\x19.basalt.v1.CloneVMRequest\x1a\r.basalt.v1.VM\x12F\n" +
+	"\tListHosts\x12\x1b.basalt.v1.ListHostsRequest\x1a\x1c.basalt.v1.ListHostsResponse\x12F\n" +
+	"\tDrainHost\x12\x1b.basalt.v1.DrainHostRequest\x1a\x1c.basalt.v1.DrainHostResponse\x12J\n" +
+	"\vUndrainHost\x12\x1d.basalt.v1.UndrainHostRequest\x1a\x1c.basalt.v1.ComputeHostStatus2\xc6\x02\n" +
+	"\x0eComputeService\x12F\n" +
+	"\rStreamConsole\x12\x17.basalt.v1.ConsoleInput\x1a\x18.basalt.v1.ConsoleOutput(\x010\x01\x12>\n" +
+	"\n" +
+	"GetVMStats\x12\x1c.basalt.v1.GetVMStatsRequest\x1a\x12.basalt.v1.VMStats\x12X\n" +
+	"\x0fPrepareIncoming\x12!.basalt.v1.PrepareIncomingRequest\x1a\".basalt.v1.PrepareIncomingResponse\x12R\n" +
+	"\rAbortIncoming\x12\x1f.basalt.v1.AbortIncomingRequest\x1a .basalt.v1.AbortIncomingResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
 
 var (
 	file_basalt_v1_vm_proto_rawDescOnce sync.Once
@@ -904,52 +3306,137 @@ func file_basalt_v1_vm_proto_rawDescGZIP() []byte {
 }
 
 var file_basalt_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_basalt_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_basalt_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_basalt_v1_vm_proto_goTypes = []any{
-	(Firmware)(0),                 // 0: basalt.v1.Firmware
-	(VMState)(0),                  // 1: basalt.v1.VMState
-	(*VMMemory)(nil),              // 2: basalt.v1.VMMemory
-	(*VMDisk)(nil),                // 3: basalt.v1.VMDisk
-	(*VMNic)(nil),                 // 4: basalt.v1.VMNic
-	(*VMSpec)(nil),                // 5: basalt.v1.VMSpec
-	(*VM)(nil),                    // 6: basalt.v1.VM
-	(*CreateVMRequest)(nil),       // 7: basalt.v1.CreateVMRequest
-	(*GetVMRequest)(nil),          // 8: basalt.v1.GetVMRequest
-	(*ListVMsRequest)(nil),        // 9: basalt.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),       // 10: basalt.v1.ListVMsResponse
-	(*DeleteVMRequest)(nil),       // 11: basalt.v1.DeleteVMRequest
-	(*DeleteVMResponse)(nil),      // 12: basalt.v1.DeleteVMResponse
-	(*StartVMRequest)(nil),        // 13: basalt.v1.StartVMRequest
-	(*StopVMRequest)(nil),         // 14: basalt.v1.StopVMRequest
-	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
+	(Firmware)(0),                   // 0: basalt.v1.Firmware
+	(VMState)(0),                    // 1: basalt.v1.VMState
+	(*VMMemory)(nil),                // 2: basalt.v1.VMMemory
+	(*VMDisk)(nil),                  // 3: basalt.v1.VMDisk
+	(*VMNic)(nil),                   // 4: basalt.v1.VMNic
+	(*VMPlacement)(nil),             // 5: basalt.v1.VMPlacement
+	(*VMSpec)(nil),                  // 6: basalt.v1.VMSpec
+	(*VMStop)(nil),                  // 7: basalt.v1.VMStop
+	(*VMMigration)(nil),             // 8: basalt.v1.VMMigration
+	(*MigrationProgress)(nil),       // 9: basalt.v1.MigrationProgress
+	(*VMStatus)(nil),                // 10: basalt.v1.VMStatus
+	(*VM)(nil),                      // 11: basalt.v1.VM
+	(*CreateVMRequest)(nil),         // 12: basalt.v1.CreateVMRequest
+	(*GetVMRequest)(nil),            // 13: basalt.v1.GetVMRequest
+	(*ListVMsRequest)(nil),          // 14: basalt.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),         // 15: basalt.v1.ListVMsResponse
+	(*DeleteVMRequest)(nil),         // 16: basalt.v1.DeleteVMRequest
+	(*DeleteVMResponse)(nil),        // 17: basalt.v1.DeleteVMResponse
+	(*StartVMRequest)(nil),          // 18: basalt.v1.StartVMRequest
+	(*StopVMRequest)(nil),           // 19: basalt.v1.StopVMRequest
+	(*KillVMRequest)(nil),           // 20: basalt.v1.KillVMRequest
+	(*PauseVMRequest)(nil),          // 21: basalt.v1.PauseVMRequest
+	(*ResumeVMRequest)(nil),         // 22: basalt.v1.ResumeVMRequest
+	(*SetVMMemoryRequest)(nil),      // 23: basalt.v1.SetVMMemoryRequest
+	(*MigrateVMRequest)(nil),        // 24: basalt.v1.MigrateVMRequest
+	(*CancelMigrationRequest)(nil),  // 25: basalt.v1.CancelMigrationRequest
+	(*GetVMStatsRequest)(nil),       // 26: basalt.v1.GetVMStatsRequest
+	(*DiskStats)(nil),               // 27: basalt.v1.DiskStats
+	(*VMStats)(nil),                 // 28: basalt.v1.VMStats
+	(*ConsoleInput)(nil),            // 29: basalt.v1.ConsoleInput
+	(*ConsoleOutput)(nil),           // 30: basalt.v1.ConsoleOutput
+	(*CloneVMRequest)(nil),          // 31: basalt.v1.CloneVMRequest
+	(*ComputeHost)(nil),             // 32: basalt.v1.ComputeHost
+	(*HostMaintenance)(nil),         // 33: basalt.v1.HostMaintenance
+	(*ComputeHostStatus)(nil),       // 34: basalt.v1.ComputeHostStatus
+	(*ListHostsRequest)(nil),        // 35: basalt.v1.ListHostsRequest
+	(*ListHostsResponse)(nil),       // 36: basalt.v1.ListHostsResponse
+	(*DrainHostRequest)(nil),        // 37: basalt.v1.DrainHostRequest
+	(*DrainHostResponse)(nil),       // 38: basalt.v1.DrainHostResponse
+	(*UndrainHostRequest)(nil),      // 39: basalt.v1.UndrainHostRequest
+	(*PrepareIncomingRequest)(nil),  // 40: basalt.v1.PrepareIncomingRequest
+	(*PrepareIncomingResponse)(nil), // 41: basalt.v1.PrepareIncomingResponse
+	(*AbortIncomingRequest)(nil),    // 42: basalt.v1.AbortIncomingRequest
+	(*AbortIncomingResponse)(nil),   // 43: basalt.v1.AbortIncomingResponse
+	(*timestamppb.Timestamp)(nil),   // 44: google.protobuf.Timestamp
 }
 var file_basalt_v1_vm_proto_depIdxs = []int32{
 	2,  // 0: basalt.v1.VMSpec.memory:type_name -> basalt.v1.VMMemory
 	3,  // 1: basalt.v1.VMSpec.disks:type_name -> basalt.v1.VMDisk
 	4,  // 2: basalt.v1.VMSpec.nics:type_name -> basalt.v1.VMNic
 	0,  // 3: basalt.v1.VMSpec.firmware:type_name -> basalt.v1.Firmware
-	5,  // 4: basalt.v1.VM.spec:type_name -> basalt.v1.VMSpec
-	1,  // 5: basalt.v1.VM.state:type_name -> basalt.v1.VMState
-	15, // 6: basalt.v1.VM.created_at:type_name -> google.protobuf.Timestamp
-	5,  // 7: basalt.v1.CreateVMRequest.spec:type_name -> basalt.v1.VMSpec
-	6,  // 8: basalt.v1.ListVMsResponse.vms:type_name -> basalt.v1.VM
-	7,  // 9: basalt.v1.VMService.CreateVM:input_type -> basalt.v1.CreateVMRequest
-	8,  // 10: basalt.v1.VMService.GetVM:input_type -> basalt.v1.GetVMRequest
-	9,  // 11: basalt.v1.VMService.ListVMs:input_type -> basalt.v1.ListVMsRequest
-	11, // 12: basalt.v1.VMService.DeleteVM:input_type -> basalt.v1.DeleteVMRequest
-	13, // 13: basalt.v1.VMService.StartVM:input_type -> basalt.v1.StartVMRequest
-	14, // 14: basalt.v1.VMService.StopVM:input_type -> basalt.v1.StopVMRequest
-	6,  // 15: basalt.v1.VMService.CreateVM:output_type -> basalt.v1.VM
-	6,  // 16: basalt.v1.VMService.GetVM:output_type -> basalt.v1.VM
-	10, // 17: basalt.v1.VMService.ListVMs:output_type -> basalt.v1.ListVMsResponse
-	12, // 18: basalt.v1.VMService.DeleteVM:output_type -> basalt.v1.DeleteVMResponse
-	6,  // 19: basalt.v1.VMService.StartVM:output_type -> basalt.v1.VM
-	6,  // 20: basalt.v1.VMService.StopVM:output_type -> basalt.v1.VM
-	15, // [15:21] is the sub-list for method output_type
-	9,  // [9:15] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	5,  // 4: basalt.v1.VMSpec.placement:type_name -> basalt.v1.VMPlacement
+	44, // 5: basalt.v1.VMStop.requested_at:type_name -> google.protobuf.Timestamp
+	44, // 6: basalt.v1.VMMigration.requested_at:type_name -> google.protobuf.Timestamp
+	44, // 7: basalt.v1.MigrationProgress.started_at:type_name -> google.protobuf.Timestamp
+	44, // 8: basalt.v1.MigrationProgress.finished_at:type_name -> google.protobuf.Timestamp
+	1,  // 9: basalt.v1.VMStatus.state:type_name -> basalt.v1.VMState
+	44, // 10: basalt.v1.VMStatus.last_error_at:type_name -> google.protobuf.Timestamp
+	9,  // 11: basalt.v1.VMStatus.migration:type_name -> basalt.v1.MigrationProgress
+	44, // 12: basalt.v1.VMStatus.started_at:type_name -> google.protobuf.Timestamp
+	44, // 13: basalt.v1.VMStatus.updated_at:type_name -> google.protobuf.Timestamp
+	6,  // 14: basalt.v1.VM.spec:type_name -> basalt.v1.VMSpec
+	1,  // 15: basalt.v1.VM.state:type_name -> basalt.v1.VMState
+	44, // 16: basalt.v1.VM.created_at:type_name -> google.protobuf.Timestamp
+	1,  // 17: basalt.v1.VM.desired_state:type_name -> basalt.v1.VMState
+	7,  // 18: basalt.v1.VM.stop:type_name -> basalt.v1.VMStop
+	8,  // 19: basalt.v1.VM.migration:type_name -> basalt.v1.VMMigration
+	10, // 20: basalt.v1.VM.status:type_name -> basalt.v1.VMStatus
+	6,  // 21: basalt.v1.CreateVMRequest.spec:type_name -> basalt.v1.VMSpec
+	11, // 22: basalt.v1.ListVMsResponse.vms:type_name -> basalt.v1.VM
+	44, // 23: basalt.v1.VMStats.sampled_at:type_name -> google.protobuf.Timestamp
+	27, // 24: basalt.v1.VMStats.disks:type_name -> basalt.v1.DiskStats
+	44, // 25: basalt.v1.ComputeHost.updated_at:type_name -> google.protobuf.Timestamp
+	44, // 26: basalt.v1.HostMaintenance.requested_at:type_name -> google.protobuf.Timestamp
+	32, // 27: basalt.v1.ComputeHostStatus.host:type_name -> basalt.v1.ComputeHost
+	33, // 28: basalt.v1.ComputeHostStatus.maintenance:type_name -> basalt.v1.HostMaintenance
+	34, // 29: basalt.v1.ListHostsResponse.hosts:type_name -> basalt.v1.ComputeHostStatus
+	34, // 30: basalt.v1.DrainHostResponse.host:type_name -> basalt.v1.ComputeHostStatus
+	11, // 31: basalt.v1.DrainHostResponse.moving:type_name -> basalt.v1.VM
+	11, // 32: basalt.v1.PrepareIncomingRequest.vm:type_name -> basalt.v1.VM
+	12, // 33: basalt.v1.VMService.CreateVM:input_type -> basalt.v1.CreateVMRequest
+	13, // 34: basalt.v1.VMService.GetVM:input_type -> basalt.v1.GetVMRequest
+	14, // 35: basalt.v1.VMService.ListVMs:input_type -> basalt.v1.ListVMsRequest
+	16, // 36: basalt.v1.VMService.DeleteVM:input_type -> basalt.v1.DeleteVMRequest
+	18, // 37: basalt.v1.VMService.StartVM:input_type -> basalt.v1.StartVMRequest
+	19, // 38: basalt.v1.VMService.StopVM:input_type -> basalt.v1.StopVMRequest
+	20, // 39: basalt.v1.VMService.KillVM:input_type -> basalt.v1.KillVMRequest
+	21, // 40: basalt.v1.VMService.PauseVM:input_type -> basalt.v1.PauseVMRequest
+	22, // 41: basalt.v1.VMService.ResumeVM:input_type -> basalt.v1.ResumeVMRequest
+	23, // 42: basalt.v1.VMService.SetVMMemory:input_type -> basalt.v1.SetVMMemoryRequest
+	24, // 43: basalt.v1.VMService.MigrateVM:input_type -> basalt.v1.MigrateVMRequest
+	25, // 44: basalt.v1.VMService.CancelMigration:input_type -> basalt.v1.CancelMigrationRequest
+	26, // 45: basalt.v1.VMService.GetVMStats:input_type -> basalt.v1.GetVMStatsRequest
+	29, // 46: basalt.v1.VMService.StreamConsole:input_type -> basalt.v1.ConsoleInput
+	31, // 47: basalt.v1.VMService.CloneVM:input_type -> basalt.v1.CloneVMRequest
+	35, // 48: basalt.v1.VMService.ListHosts:input_type -> basalt.v1.ListHostsRequest
+	37, // 49: basalt.v1.VMService.DrainHost:input_type -> basalt.v1.DrainHostRequest
+	39, // 50: basalt.v1.VMService.UndrainHost:input_type -> basalt.v1.UndrainHostRequest
+	29, // 51: basalt.v1.ComputeService.StreamConsole:input_type -> basalt.v1.ConsoleInput
+	26, // 52: basalt.v1.ComputeService.GetVMStats:input_type -> basalt.v1.GetVMStatsRequest
+	40, // 53: basalt.v1.ComputeService.PrepareIncoming:input_type -> basalt.v1.PrepareIncomingRequest
+	42, // 54: basalt.v1.ComputeService.AbortIncoming:input_type -> basalt.v1.AbortIncomingRequest
+	11, // 55: basalt.v1.VMService.CreateVM:output_type -> basalt.v1.VM
+	11, // 56: basalt.v1.VMService.GetVM:output_type -> basalt.v1.VM
+	15, // 57: basalt.v1.VMService.ListVMs:output_type -> basalt.v1.ListVMsResponse
+	17, // 58: basalt.v1.VMService.DeleteVM:output_type -> basalt.v1.DeleteVMResponse
+	11, // 59: basalt.v1.VMService.StartVM:output_type -> basalt.v1.VM
+	11, // 60: basalt.v1.VMService.StopVM:output_type -> basalt.v1.VM
+	11, // 61: basalt.v1.VMService.KillVM:output_type -> basalt.v1.VM
+	11, // 62: basalt.v1.VMService.PauseVM:output_type -> basalt.v1.VM
+	11, // 63: basalt.v1.VMService.ResumeVM:output_type -> basalt.v1.VM
+	11, // 64: basalt.v1.VMService.SetVMMemory:output_type -> basalt.v1.VM
+	11, // 65: basalt.v1.VMService.MigrateVM:output_type -> basalt.v1.VM
+	11, // 66: basalt.v1.VMService.CancelMigration:output_type -> basalt.v1.VM
+	28, // 67: basalt.v1.VMService.GetVMStats:output_type -> basalt.v1.VMStats
+	30, // 68: basalt.v1.VMService.StreamConsole:output_type -> basalt.v1.ConsoleOutput
+	11, // 69: basalt.v1.VMService.CloneVM:output_type -> basalt.v1.VM
+	36, // 70: basalt.v1.VMService.ListHosts:output_type -> basalt.v1.ListHostsResponse
+	38, // 71: basalt.v1.VMService.DrainHost:output_type -> basalt.v1.DrainHostResponse
+	34, // 72: basalt.v1.VMService.UndrainHost:output_type -> basalt.v1.ComputeHostStatus
+	30, // 73: basalt.v1.ComputeService.StreamConsole:output_type -> basalt.v1.ConsoleOutput
+	28, // 74: basalt.v1.ComputeService.GetVMStats:output_type -> basalt.v1.VMStats
+	41, // 75: basalt.v1.ComputeService.PrepareIncoming:output_type -> basalt.v1.PrepareIncomingResponse
+	43, // 76: basalt.v1.ComputeService.AbortIncoming:output_type -> basalt.v1.AbortIncomingResponse
+	55, // [55:77] is the sub-list for method output_type
+	33, // [33:55] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_basalt_v1_vm_proto_init() }
@@ -963,9 +3450,9 @@ func file_basalt_v1_vm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_vm_proto_rawDesc), len(file_basalt_v1_vm_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   13,
+			NumMessages:   42,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_basalt_v1_vm_proto_goTypes,
 		DependencyIndexes: file_basalt_v1_vm_proto_depIdxs,

@@ -19,27 +19,82 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	VMService_CreateVM_FullMethodName = "/basalt.v1.VMService/CreateVM"
-	VMService_GetVM_FullMethodName    = "/basalt.v1.VMService/GetVM"
-	VMService_ListVMs_FullMethodName  = "/basalt.v1.VMService/ListVMs"
-	VMService_DeleteVM_FullMethodName = "/basalt.v1.VMService/DeleteVM"
-	VMService_StartVM_FullMethodName  = "/basalt.v1.VMService/StartVM"
-	VMService_StopVM_FullMethodName   = "/basalt.v1.VMService/StopVM"
+	VMService_CreateVM_FullMethodName        = "/basalt.v1.VMService/CreateVM"
+	VMService_GetVM_FullMethodName           = "/basalt.v1.VMService/GetVM"
+	VMService_ListVMs_FullMethodName         = "/basalt.v1.VMService/ListVMs"
+	VMService_DeleteVM_FullMethodName        = "/basalt.v1.VMService/DeleteVM"
+	VMService_StartVM_FullMethodName         = "/basalt.v1.VMService/StartVM"
+	VMService_StopVM_FullMethodName          = "/basalt.v1.VMService/StopVM"
+	VMService_KillVM_FullMethodName          = "/basalt.v1.VMService/KillVM"
+	VMService_PauseVM_FullMethodName         = "/basalt.v1.VMService/PauseVM"
+	VMService_ResumeVM_FullMethodName        = "/basalt.v1.VMService/ResumeVM"
+	VMService_SetVMMemory_FullMethodName     = "/basalt.v1.VMService/SetVMMemory"
+	VMService_MigrateVM_FullMethodName       = "/basalt.v1.VMService/MigrateVM"
+	VMService_CancelMigration_FullMethodName = "/basalt.v1.VMService/CancelMigration"
+	VMService_GetVMStats_FullMethodName      = "/basalt.v1.VMService/GetVMStats"
+	VMService_StreamConsole_FullMethodName   = "/basalt.v1.VMService/StreamConsole"
+	VMService_CloneVM_FullMethodName         = "/basalt.v1.VMService/CloneVM"
+	VMService_ListHosts_FullMethodName       = "/basalt.v1.VMService/ListHosts"
+	VMService_DrainHost_FullMethodName       = "/basalt.v1.VMService/DrainHost"
+	VMService_UndrainHost_FullMethodName     = "/basalt.v1.VMService/UndrainHost"
 )
 
 // VMServiceClient is the client API for VMService service.
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
-// VMService declares virtual machines; computed hosts run them.
+// VMService declares virtual machines; computed hosts run them (docs/compute.md). A VM's declaration (spec,
+// desired state, host, requested migration) is stored in etcd by metad; the computed it is assigned to
+// reconciles what runs with it and reports what it observes in the VM's status. Calls that change a VM return
+// once the change is recorded, not once the host has acted on it: `status.observed_generation` reaching the
+// VM's `generation` says it has.
 type VMServiceClient interface {
+	// CreateVM records a VM (stopped, unless `start`). INVALID_ARGUMENT for a bad spec, NOT_FOUND for a missing
+	// volume, network or port, FAILED_PRECONDITION for more memory than any candidate host has or a volume or
+	// port another VM uses.
 	CreateVM(ctx context.Context, in *CreateVMRequest, opts ...grpc.CallOption) (*VM, error)
 	GetVM(ctx context.Context, in *GetVMRequest, opts ...grpc.CallOption) (*VM, error)
 	ListVMs(ctx context.Context, in *ListVMsRequest, opts ...grpc.CallOption) (*ListVMsResponse, error)
+	// DeleteVM removes a stopped VM (FAILED_PRECONDITION otherwise, unless `force`, which kills it). Its volumes
+	// are kept.
 	DeleteVM(ctx context.Context, in *DeleteVMRequest, opts ...grpc.CallOption) (*DeleteVMResponse, error)
+	// StartVM places the VM on a host with room for it (its preferred hosts first, only its possible hosts) and
+	// declares it running.
 	StartVM(ctx context.Context, in *StartVMRequest, opts ...grpc.CallOption) (*VM, error)
 	// StopVM asks the guest to shut down (ACPI) and forces it off after the timeout.
 	StopVM(ctx context.Context, in *StopVMRequest, opts ...grpc.CallOption) (*VM, error)
+	// KillVM stops the VM at once (the hypervisor process is killed).
+	KillVM(ctx context.Context, in *KillVMRequest, opts ...grpc.CallOption) (*VM, error)
+	PauseVM(ctx context.Context, in *PauseVMRequest, opts ...grpc.CallOption) (*VM, error)
+	ResumeVM(ctx context.Context, in *ResumeVMRequest, opts ...grpc.CallOption) (*VM, error)
+	// SetVMMemory sets the balloon target: the memory the guest may use, within the spec's minimum and maximum.
+	// Growing it needs room on the VM's host.
+	SetVMMemory(ctx context.Context, in *SetVMMemoryRequest, opts ...grpc.CallOption) (*VM, error)
+	// MigrateVM live-migrates a running VM to another host (memory only: disks are shared through blockd). The
+	// VM's `migration` and `status.migration` show progress; a failed or cancelled migration leaves the VM
+	// running where it was. FAILED_PRECONDITION if the VM is not running, already migrating, or the target lacks
+	// memory or one of the VM's networks.
+	MigrateVM(ctx context.Context, in *MigrateVMRequest, opts ...grpc.CallOption) (*VM, error)
+	// CancelMigration cancels a requested or running migration; the VM stays on its source.
+	CancelMigration(ctx context.Context, in *CancelMigrationRequest, opts ...grpc.CallOption) (*VM, error)
+	// GetVMStats asks the VM's host for its meters: CPU time, memory, disk bytes and operations.
+	GetVMStats(ctx context.Context, in *GetVMStatsRequest, opts ...grpc.CallOption) (*VMStats, error)
+	// StreamConsole attaches to a VM's serial console: the first message names the VM, later ones carry
+	// keystrokes. metad relays the stream to ComputeService.StreamConsole on the VM's host, and follows the VM
+	// to its new host after a live migration. Several viewers may attach at once; each sees all output.
+	StreamConsole(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput], error)
+	// CloneVM checkpoints a VM's volumes (one consistency group, while it runs: the guest is never paused), makes
+	// a linked clone of each, and declares a new VM on the clones with the source's spec (without NICs: ports
+	// belong to one VM).
+	CloneVM(ctx context.Context, in *CloneVMRequest, opts ...grpc.CallOption) (*VM, error)
+	// ListHosts lists the computed hosts with their capacity, commitments and maintenance state.
+	ListHosts(ctx context.Context, in *ListHostsRequest, opts ...grpc.CallOption) (*ListHostsResponse, error)
+	// DrainHost puts a host in maintenance (no new VMs are placed there) and requests the migration of every VM
+	// on it to other hosts; the host runs `parallel` of them at a time. It returns once the migrations are
+	// requested; the host is empty when ListHosts shows no VMs on it.
+	DrainHost(ctx context.Context, in *DrainHostRequest, opts ...grpc.CallOption) (*DrainHostResponse, error)
+	// UndrainHost ends a host's maintenance.
+	UndrainHost(ctx context.Context, in *UndrainHostRequest, opts ...grpc.CallOption) (*ComputeHostStatus, error)
 }
 
 type vMServiceClient struct {
@@ -110,19 +165,185 @@ func (c *vMServiceClient) StopVM(ctx context.Context, in *StopVMRequest, opts ..
 	return out, nil
 }
 
+func (c *vMServiceClient) KillVM(ctx context.Context, in *KillVMRequest, opts ...grpc.CallOption) (*VM, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VM)
+	err := c.cc.Invoke(ctx, VMService_KillVM_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *vMServiceClient) PauseVM(ctx context.Context, in *PauseVMRequest, opts ...grpc.CallOption) (*VM, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VM)
+	err := c.cc.Invoke(ctx, VMService_PauseVM_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *vMServiceClient) ResumeVM(ctx context.Context, in *ResumeVMRequest, opts ...grpc.CallOption) (*VM, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VM)
+	err := c.cc.Invoke(ctx, VMService_ResumeVM_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *vMServiceClient) SetVMMemory(ctx context.Context, in *SetVMMemoryRequest, opts ...grpc.CallOption) (*VM, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VM)
+	err := c.cc.Invoke(ctx, VMService_SetVMMemory_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *vMServiceClient) MigrateVM(ctx context.Context, in *MigrateVMRequest, opts ...grpc.CallOption) (*VM, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VM)
+	err := c.cc.Invoke(ctx, VMService_MigrateVM_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *vMServiceClient) CancelMigration(ctx context.Context, in *CancelMigrationRequest, opts ...grpc.CallOption) (*VM, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VM)
+	err := c.cc.Invoke(ctx, VMService_CancelMigration_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *vMServiceClient) GetVMStats(ctx context.Context, in *GetVMStatsRequest, opts ...grpc.CallOption) (*VMStats, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VMStats)
+	err := c.cc.Invoke(ctx, VMService_GetVMStats_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *vMServiceClient) StreamConsole(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &VMService_ServiceDesc.Streams[0], VMService_StreamConsole_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ConsoleInput, ConsoleOutput]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type VMService_StreamConsoleClient = grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput]
+
+func (c *vMServiceClient) CloneVM(ctx context.Context, in *CloneVMRequest, opts ...grpc.CallOption) (*VM, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VM)
+	err := c.cc.Invoke(ctx, VMService_CloneVM_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *vMServiceClient) ListHosts(ctx context.Context, in *ListHostsRequest, opts ...grpc.CallOption) (*ListHostsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListHostsResponse)
+	err := c.cc.Invoke(ctx, VMService_ListHosts_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *vMServiceClient) DrainHost(ctx context.Context, in *DrainHostRequest, opts ...grpc.CallOption) (*DrainHostResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainHostResponse)
+	err := c.cc.Invoke(ctx, VMService_DrainHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *vMServiceClient) UndrainHost(ctx context.Context, in *UndrainHostRequest, opts ...grpc.CallOption) (*ComputeHostStatus, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ComputeHostStatus)
+	err := c.cc.Invoke(ctx, VMService_UndrainHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // VMServiceServer is the server API for VMService service.
 // All implementations must embed UnimplementedVMServiceServer
 // for forward compatibility.
 //
-// VMService declares virtual machines; computed hosts run them.
+// VMService declares virtual machines; computed hosts run them (docs/compute.md). A VM's declaration (spec,
+// desired state, host, requested migration) is stored in etcd by metad; the computed it is assigned to
+// reconciles what runs with it and reports what it observes in the VM's status. Calls that change a VM return
+// once the change is recorded, not once the host has acted on it: `status.observed_generation` reaching the
+// VM's `generation` says it has.
 type VMServiceServer interface {
+	// CreateVM records a VM (stopped, unless `start`). INVALID_ARGUMENT for a bad spec, NOT_FOUND for a missing
+	// volume, network or port, FAILED_PRECONDITION for more memory than any candidate host has or a volume or
+	// port another VM uses.
 	CreateVM(context.Context, *CreateVMRequest) (*VM, error)
 	GetVM(context.Context, *GetVMRequest) (*VM, error)
 	ListVMs(context.Context, *ListVMsRequest) (*ListVMsResponse, error)
+	// DeleteVM removes a stopped VM (FAILED_PRECONDITION otherwise, unless `force`, which kills it). Its volumes
+	// are kept.
 	DeleteVM(context.Context, *DeleteVMRequest) (*DeleteVMResponse, error)
+	// StartVM places the VM on a host with room for it (its preferred hosts first, only its possible hosts) and
+	// declares it running.
 	StartVM(context.Context, *StartVMRequest) (*VM, error)
 	// StopVM asks the guest to shut down (ACPI) and forces it off after the timeout.
 	StopVM(context.Context, *StopVMRequest) (*VM, error)
+	// KillVM stops the VM at once (the hypervisor process is killed).
+	KillVM(context.Context, *KillVMRequest) (*VM, error)
+	PauseVM(context.Context, *PauseVMRequest) (*VM, error)
+	ResumeVM(context.Context, *ResumeVMRequest) (*VM, error)
+	// SetVMMemory sets the balloon target: the memory the guest may use, within the spec's minimum and maximum.
+	// Growing it needs room on the VM's host.
+	SetVMMemory(context.Context, *SetVMMemoryRequest) (*VM, error)
+	// MigrateVM live-migrates a running VM to another host (memory only: disks are shared through blockd). The
+	// VM's `migration` and `status.migration` show progress; a failed or cancelled migration leaves the VM
+	// running where it was. FAILED_PRECONDITION if the VM is not running, already migrating, or the target lacks
+	// memory or one of the VM's networks.
+	MigrateVM(context.Context, *MigrateVMRequest) (*VM, error)
+	// CancelMigration cancels a requested or running migration; the VM stays on its source.
+	CancelMigration(context.Context, *CancelMigrationRequest) (*VM, error)
+	// GetVMStats asks the VM's host for its meters: CPU time, memory, disk bytes and operations.
+	GetVMStats(context.Context, *GetVMStatsRequest) (*VMStats, error)
+	// StreamConsole attaches to a VM's serial console: the first message names the VM, later ones carry
+	// keystrokes. metad relays the stream to ComputeService.StreamConsole on the VM's host, and follows the VM
+	// to its new host after a live migration. Several viewers may attach at once; each sees all output.
+	StreamConsole(grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]) error
+	// CloneVM checkpoints a VM's volumes (one consistency group, while it runs: the guest is never paused), makes
+	// a linked clone of each, and declares a new VM on the clones with the source's spec (without NICs: ports
+	// belong to one VM).
+	CloneVM(context.Context, *CloneVMRequest) (*VM, error)
+	// ListHosts lists the computed hosts with their capacity, commitments and maintenance state.
+	ListHosts(context.Context, *ListHostsRequest) (*ListHostsResponse, error)
+	// DrainHost puts a host in maintenance (no new VMs are placed there) and requests the migration of every VM
+	// on it to other hosts; the host runs `parallel` of them at a time. It returns once the migrations are
+	// requested; the host is empty when ListHosts shows no VMs on it.
+	DrainHost(context.Context, *DrainHostRequest) (*DrainHostResponse, error)
+	// UndrainHost ends a host's maintenance.
+	UndrainHost(context.Context, *UndrainHostRequest) (*ComputeHostStatus, error)
 	mustEmbedUnimplementedVMServiceServer()
 }
 
@@ -150,6 +371,42 @@ func (UnimplementedVMServiceServer) StartVM(context.Context, *StartVMRequest) (*
 }
 func (UnimplementedVMServiceServer) StopVM(context.Context, *StopVMRequest) (*VM, error) {
 	return nil, status.Error(codes.Unimplemented, "method StopVM not implemented")
+}
+func (UnimplementedVMServiceServer) KillVM(context.Context, *KillVMRequest) (*VM, error) {
+	return nil, status.Error(codes.Unimplemented, "method KillVM not implemented")
+}
+func (UnimplementedVMServiceServer) PauseVM(context.Context, *PauseVMRequest) (*VM, error) {
+	return nil, status.Error(codes.Unimplemented, "method PauseVM not implemented")
+}
+func (UnimplementedVMServiceServer) ResumeVM(context.Context, *ResumeVMRequest) (*VM, error) {
+	return nil, status.Error(codes.Unimplemented, "method ResumeVM not implemented")
+}
+func (UnimplementedVMServiceServer) SetVMMemory(context.Context, *SetVMMemoryRequest) (*VM, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetVMMemory not implemented")
+}
+func (UnimplementedVMServiceServer) MigrateVM(context.Context, *MigrateVMRequest) (*VM, error) {
+	return nil, status.Error(codes.Unimplemented, "method MigrateVM not implemented")
+}
+func (UnimplementedVMServiceServer) CancelMigration(context.Context, *CancelMigrationRequest) (*VM, error) {
+	return nil, status.Error(codes.Unimplemented, "method CancelMigration not implemented")
+}
+func (UnimplementedVMServiceServer) GetVMStats(context.Context, *GetVMStatsRequest) (*VMStats, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetVMStats not implemented")
+}
+func (UnimplementedVMServiceServer) StreamConsole(grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]) error {
+	return status.Error(codes.Unimplemented, "method StreamConsole not implemented")
+}
+func (UnimplementedVMServiceServer) CloneVM(context.Context, *CloneVMRequest) (*VM, error) {
+	return nil, status.Error(codes.Unimplemented, "method CloneVM not implemented")
+}
+func (UnimplementedVMServiceServer) ListHosts(context.Context, *ListHostsRequest) (*ListHostsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListHosts not implemented")
+}
+func (UnimplementedVMServiceServer) DrainHost(context.Context, *DrainHostRequest) (*DrainHostResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DrainHost not implemented")
+}
+func (UnimplementedVMServiceServer) UndrainHost(context.Context, *UndrainHostRequest) (*ComputeHostStatus, error) {
+	return nil, status.Error(codes.Unimplemented, "method UndrainHost not implemented")
 }
 func (UnimplementedVMServiceServer) mustEmbedUnimplementedVMServiceServer() {}
 func (UnimplementedVMServiceServer) testEmbeddedByValue()                   {}
@@ -280,6 +537,211 @@ func _VMService_StopVM_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VMService_KillVM_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KillVMRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).KillVM(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_KillVM_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).KillVM(ctx, req.(*KillVMRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VMService_PauseVM_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PauseVMRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).PauseVM(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_PauseVM_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).PauseVM(ctx, req.(*PauseVMRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VMService_ResumeVM_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResumeVMRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).ResumeVM(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_ResumeVM_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).ResumeVM(ctx, req.(*ResumeVMRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VMService_SetVMMemory_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetVMMemoryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).SetVMMemory(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_SetVMMemory_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).SetVMMemory(ctx, req.(*SetVMMemoryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VMService_MigrateVM_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MigrateVMRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).MigrateVM(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_MigrateVM_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).MigrateVM(ctx, req.(*MigrateVMRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VMService_CancelMigration_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CancelMigrationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).CancelMigration(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_CancelMigration_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).CancelMigration(ctx, req.(*CancelMigrationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VMService_GetVMStats_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetVMStatsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).GetVMStats(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_GetVMStats_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).GetVMStats(ctx, req.(*GetVMStatsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VMService_StreamConsole_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(VMServiceServer).StreamConsole(&grpc.GenericServerStream[ConsoleInput, ConsoleOutput]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type VMService_StreamConsoleServer = grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]
+
+func _VMService_CloneVM_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CloneVMRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).CloneVM(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_CloneVM_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).CloneVM(ctx, req.(*CloneVMRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VMService_ListHosts_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListHostsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).ListHosts(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_ListHosts_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).ListHosts(ctx, req.(*ListHostsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VMService_DrainHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainHostRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).DrainHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_DrainHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).DrainHost(ctx, req.(*DrainHostRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VMService_UndrainHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UndrainHostRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).UndrainHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_UndrainHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).UndrainHost(ctx, req.(*UndrainHostRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // VMService_ServiceDesc is the grpc.ServiceDesc for VMService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -311,7 +773,283 @@ var VMService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "StopVM",
 			Handler:    _VMService_StopVM_Handler,
 		},
+		{
+			MethodName: "KillVM",
+			Handler:    _VMService_KillVM_Handler,
+		},
+		{
+			MethodName: "PauseVM",
+			Handler:    _VMService_PauseVM_Handler,
+		},
+		{
+			MethodName: "ResumeVM",
+			Handler:    _VMService_ResumeVM_Handler,
+		},
+		{
+			MethodName: "SetVMMemory",
+			Handler:    _VMService_SetVMMemory_Handler,
+		},
+		{
+			MethodName: "MigrateVM",
+			Handler:    _VMService_MigrateVM_Handler,
+		},
+		{
+			MethodName: "CancelMigration",
+			Handler:    _VMService_CancelMigration_Handler,
+		},
+		{
+			MethodName: "GetVMStats",
+			Handler:    _VMService_GetVMStats_Handler,
+		},
+		{
+			MethodName: "CloneVM",
+			Handler:    _VMService_CloneVM_Handler,
+		},
+		{
+			MethodName: "ListHosts",
+			Handler:    _VMService_ListHosts_Handler,
+		},
+		{
+			MethodName: "DrainHost",
+			Handler:    _VMService_DrainHost_Handler,
+		},
+		{
+			MethodName: "UndrainHost",
+			Handler:    _VMService_UndrainHost_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "StreamConsole",
+			Handler:       _VMService_StreamConsole_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
+	Metadata: "basalt/v1/vm.proto",
+}
+
+const (
+	ComputeService_StreamConsole_FullMethodName   = "/basalt.v1.ComputeService/StreamConsole"
+	ComputeService_GetVMStats_FullMethodName      = "/basalt.v1.ComputeService/GetVMStats"
+	ComputeService_PrepareIncoming_FullMethodName = "/basalt.v1.ComputeService/PrepareIncoming"
+	ComputeService_AbortIncoming_FullMethodName   = "/basalt.v1.ComputeService/AbortIncoming"
+)
+
+// ComputeServiceClient is the client API for ComputeService service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// ComputeService is internal: every computed serves it on its node's gRPC address. metad relays consoles and
+// stats to it; computed hosts call each other's PrepareIncoming and AbortIncoming during a live migration. It is
+// not a client API and may change without notice.
+type ComputeServiceClient interface {
+	StreamConsole(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput], error)
+	GetVMStats(ctx context.Context, in *GetVMStatsRequest, opts ...grpc.CallOption) (*VMStats, error)
+	// PrepareIncoming starts, on the migration's target host, a machine waiting for the VM's state, and returns
+	// the URI the source sends it to.
+	PrepareIncoming(ctx context.Context, in *PrepareIncomingRequest, opts ...grpc.CallOption) (*PrepareIncomingResponse, error)
+	// AbortIncoming stops a machine PrepareIncoming started, after a failed or cancelled migration.
+	AbortIncoming(ctx context.Context, in *AbortIncomingRequest, opts ...grpc.CallOption) (*AbortIncomingResponse, error)
+}
+
+type computeServiceClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewComputeServiceClient(cc grpc.ClientConnInterface) ComputeServiceClient {
+	return &computeServiceClient{cc}
+}
+
+func (c *computeServiceClient) StreamConsole(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ComputeService_ServiceDesc.Streams[0], ComputeService_StreamConsole_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ConsoleInput, ConsoleOutput]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ComputeService_StreamConsoleClient = grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput]
+
+func (c *computeServiceClient) GetVMStats(ctx context.Context, in *GetVMStatsRequest, opts ...grpc.CallOption) (*VMStats, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VMStats)
+	err := c.cc.Invoke(ctx, ComputeService_GetVMStats_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *computeServiceClient) PrepareIncoming(ctx context.Context, in *PrepareIncomingRequest, opts ...grpc.CallOption) (*PrepareIncomingResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PrepareIncomingResponse)
+	err := c.cc.Invoke(ctx, ComputeService_PrepareIncoming_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *computeServiceClient) AbortIncoming(ctx context.Context, in *AbortIncomingRequest, opts ...grpc.CallOption) (*AbortIncomingResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AbortIncomingResponse)
+	err := c.cc.Invoke(ctx, ComputeService_AbortIncoming_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// ComputeServiceServer is the server API for ComputeService service.
+// All implementations must embed UnimplementedComputeServiceServer
+// for forward compatibility.
+//
+// ComputeService is internal: every computed serves it on its node's gRPC address. metad relays consoles and
+// stats to it; computed hosts call each other's PrepareIncoming and AbortIncoming during a live migration. It is
+// not a client API and may change without notice.
+type ComputeServiceServer interface {
+	StreamConsole(grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]) error
+	GetVMStats(context.Context, *GetVMStatsRequest) (*VMStats, error)
+	// PrepareIncoming starts, on the migration's target host, a machine waiting for the VM's state, and returns
+	// the URI the source sends it to.
+	PrepareIncoming(context.Context, *PrepareIncomingRequest) (*PrepareIncomingResponse, error)
+	// AbortIncoming stops a machine PrepareIncoming started, after a failed or cancelled migration.
+	AbortIncoming(context.Context, *AbortIncomingRequest) (*AbortIncomingResponse, error)
+	mustEmbedUnimplementedComputeServiceServer()
+}
+
+// UnimplementedComputeServiceServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedComputeServiceServer struct{}
+
+func (UnimplementedComputeServiceServer) StreamConsole(grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]) error {
+	return status.Error(codes.Unimplemented, "method StreamConsole not implemented")
+}
+func (UnimplementedComputeServiceServer) GetVMStats(context.Context, *GetVMStatsRequest) (*VMStats, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetVMStats not implemented")
+}
+func (UnimplementedComputeServiceServer) PrepareIncoming(context.Context, *PrepareIncomingRequest) (*PrepareIncomingResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PrepareIncoming not implemented")
+}
+func (UnimplementedComputeServiceServer) AbortIncoming(context.Context, *AbortIncomingRequest) (*AbortIncomingResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AbortIncoming not implemented")
+}
+func (UnimplementedComputeServiceServer) mustEmbedUnimplementedComputeServiceServer() {}
+func (UnimplementedComputeServiceServer) testEmbeddedByValue()                        {}
+
+// UnsafeComputeServiceServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to ComputeServiceServer will
+// result in compilation errors.
+type UnsafeComputeServiceServer interface {
+	mustEmbedUnimplementedComputeServiceServer()
+}
+
+func RegisterComputeServiceServer(s grpc.ServiceRegistrar, srv ComputeServiceServer) {
+	// If the following call panics, it indicates UnimplementedComputeServiceServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&ComputeService_ServiceDesc, srv)
+}
+
+func _ComputeService_StreamConsole_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ComputeServiceServer).StreamConsole(&grpc.GenericServerStream[ConsoleInput, ConsoleOutput]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ComputeService_StreamConsoleServer = grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]
+
+func _ComputeService_GetVMStats_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetVMStatsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ComputeServiceServer).GetVMStats(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ComputeService_GetVMStats_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ComputeServiceServer).GetVMStats(ctx, req.(*GetVMStatsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ComputeService_PrepareIncoming_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PrepareIncomingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ComputeServiceServer).PrepareIncoming(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ComputeService_PrepareIncoming_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ComputeServiceServer).PrepareIncoming(ctx, req.(*PrepareIncomingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ComputeService_AbortIncoming_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AbortIncomingRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ComputeServiceServer).AbortIncoming(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ComputeService_AbortIncoming_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ComputeServiceServer).AbortIncoming(ctx, req.(*AbortIncomingRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// ComputeService_ServiceDesc is the grpc.ServiceDesc for ComputeService service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var ComputeService_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "basalt.v1.ComputeService",
+	HandlerType: (*ComputeServiceServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "GetVMStats",
+			Handler:    _ComputeService_GetVMStats_Handler,
+		},
+		{
+			MethodName: "PrepareIncoming",
+			Handler:    _ComputeService_PrepareIncoming_Handler,
+		},
+		{
+			MethodName: "AbortIncoming",
+			Handler:    _ComputeService_AbortIncoming_Handler,
+		},
+	},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "StreamConsole",
+			Handler:       _ComputeService_StreamConsole_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "basalt/v1/vm.proto",
 }
