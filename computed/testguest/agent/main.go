@@ -14,6 +14,9 @@
 //	basalt.interval=20ms     time between records
 //	basalt.memload=0         MiB of memory to keep dirtying (0: off)
 //	basalt.memrate=64        MiB per second to dirty in memload mode
+//	basalt.ip=ADDR/PREFIX    give eth0 this address and bring it up (off when absent); the kernel then answers
+//	                         pings by itself. Printed as "net dev=eth0 addr=ADDR/PREFIX state=up" once done.
+//	basalt.gw=ADDR           with basalt.ip: default route through ADDR
 package main
 
 import (
@@ -21,7 +24,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -40,6 +45,8 @@ type config struct {
 	interval time.Duration
 	memLoad  int // MiB
 	memRate  int // MiB/s
+	ip       netip.Prefix
+	gw       netip.Addr
 }
 
 // console serialises lines so that goroutines' output never interleaves on the serial port.
@@ -66,6 +73,9 @@ func main() {
 	if cfg.memLoad > 0 {
 		go memLoad(con, cfg.memLoad, cfg.memRate)
 	}
+	if cfg.ip.IsValid() {
+		go netUp(con, "eth0", cfg.ip, cfg.gw)
+	}
 	counter(con, cfg, boot)
 	select {} // init must never exit: the kernel would panic
 }
@@ -89,6 +99,10 @@ func parseCmdline(con *console) config {
 			cfg.memLoad, err = strconv.Atoi(v)
 		case "basalt.memrate":
 			cfg.memRate, err = strconv.Atoi(v)
+		case "basalt.ip":
+			cfg.ip, err = netip.ParsePrefix(v)
+		case "basalt.gw":
+			cfg.gw, err = netip.ParseAddr(v)
 		}
 		if err != nil {
 			con.printf("error bad option %s: %v", f, err)
@@ -188,6 +202,37 @@ func scan(fd int, slots int64) (last uint64, torn int, err error) {
 		}
 	}
 	return last, torn, nil
+}
+
+// netUp waits for dev to appear (virtio_net probes asynchronously), gives it addr, brings it up and adds a
+// default route through gw if one is given, with the initramfs's busybox ip.
+func netUp(con *console, dev string, addr netip.Prefix, gw netip.Addr) {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if _, err := os.Stat("/sys/class/net/" + dev); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			con.printf("error net dev=%s: no such interface", dev)
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	cmds := [][]string{
+		{"link", "set", "lo", "up"},
+		{"addr", "add", addr.String(), "dev", dev},
+		{"link", "set", dev, "up"},
+	}
+	if gw.IsValid() {
+		cmds = append(cmds, []string{"route", "add", "default", "via", gw.String(), "dev", dev})
+	}
+	for _, c := range cmds {
+		if out, err := exec.Command("/bin/busybox", append([]string{"ip"}, c...)...).CombinedOutput(); err != nil {
+			con.printf("error net %s: ip %s: %v: %s", dev, strings.Join(c, " "), err, strings.TrimSpace(string(out)))
+			return
+		}
+	}
+	con.printf("net dev=%s addr=%s state=up", dev, addr)
 }
 
 // memInfo prints the guest's memory every second, so that a balloon change shows on the console.
