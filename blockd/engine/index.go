@@ -109,6 +109,55 @@ type index struct {
 	// gone holds, per volume, the deleted checkpoint tags as sorted,
 	// disjoint, non-adjacent ranges. Tag 0 is never deleted.
 	gone map[uint64][]tagRange
+	// replay is set during recovery only (see replayState).
+	replay *replayState
+}
+
+// replayState is what recovery tracks to detect, and then avoid, one
+// order dependence of replay. A CLEAR copied by the collector keeps its
+// sequence number c but lands in the log after records newer than c. In
+// a layer holding several raw tags (after a DeleteCheckpoint), an extent
+// of a higher raw tag wins over one of a lower raw tag whatever their
+// sequence numbers, so a record older than c (which the clear removes)
+// may, until the copied clear is replayed, shadow part of a record newer
+// than c (which the clear keeps): put drops that part, and the clear then
+// removes the winner, leaving a hole. When this may have happened (a clear
+// above the sequence number of the winner of such an inversion), recovery
+// replays the log a second time knowing every object's highest clear from
+// the start, and leaves out the records below it, which the clears remove
+// anyway.
+type replayState struct {
+	// floor is, per object, the highest sequence number of a CLEAR replayed
+	// so far (the whole log's, in a second replay).
+	floor map[ObjectID]uint64
+	// inv is, per object, the lowest sequence number of an extent that won
+	// over one with a higher sequence number (by raw tag).
+	inv map[*object]uint64
+	// again is set when a clear was replayed above an inversion's winner.
+	again bool
+}
+
+func newReplayState(floor map[ObjectID]uint64) *replayState {
+	if floor == nil {
+		floor = make(map[ObjectID]uint64)
+	}
+	return &replayState{floor: floor, inv: make(map[*object]uint64)}
+}
+
+// inverted records, during recovery, that an extent with sequence number
+// seq of o won over one with a higher sequence number.
+func (ix *index) inverted(o *object, seq uint64) {
+	if r := ix.replay; r != nil {
+		if s, ok := r.inv[o]; !ok || seq < s {
+			r.inv[o] = seq
+		}
+	}
+}
+
+// clearedBefore reports, during recovery, whether a CLEAR of id removes a
+// record with sequence number seq (so that replay may leave it out).
+func (ix *index) clearedBefore(id ObjectID, seq uint64) bool {
+	return ix.replay != nil && seq < ix.replay.floor[id]
 }
 
 func newIndex() *index {
@@ -345,8 +394,14 @@ func (ix *index) put(o *object, l *layer, x extent) {
 	for _, y := range ix.overlapping(l.tree, x.start, x.end()) {
 		ys, ye := max(y.start, x.start), min(y.end(), x.end())
 		if x.newer(y) {
+			if x.seq < y.seq {
+				ix.inverted(o, x.seq)
+			}
 			ix.removePart(o, l, y, ys, ye)
 			continue
+		}
+		if y.seq < x.seq {
+			ix.inverted(o, y.seq)
 		}
 		if ys > pos {
 			ix.insert(o, l, x.clip(pos, ys))
@@ -428,10 +483,16 @@ func (ix *index) applyTrim(h *recHeader, seg *segment) {
 
 // applyClear removes from every layer of the object the blocks of records
 // older than the CLEAR record (by sequence number: a copied clear keeps
-// its own).
+// its own). See replayState for what recovery must watch for.
 func (ix *index) applyClear(h *recHeader, seg *segment) {
 	o := ix.getOrCreate(h.id, seg, h.version)
 	had := o.held()
+	if r := ix.replay; r != nil {
+		r.floor[h.id] = max(r.floor[h.id], h.seq)
+		if s, ok := r.inv[o]; ok && s < h.seq {
+			r.again = true
+		}
+	}
 	for i := range o.layers {
 		ix.cut(o, &o.layers[i], 0, objectBlocks, func(y extent) bool { return y.seq < h.seq })
 	}

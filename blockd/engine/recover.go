@@ -44,28 +44,29 @@ func (e *Engine) recover() error {
 		}
 	}
 	slices.Sort(ids)
-	maxSeq, err := e.loadDeleted()
+	st, err := e.replayLog(ids, nil)
 	if err != nil {
 		return err
 	}
-	st := &replayStats{maxSeq: maxSeq}
-	for i, id := range ids {
-		last := i == len(ids)-1
-		s, err := e.openSegment(id, last)
-		if err != nil {
+	if e.ix.replay.again {
+		// A copied CLEAR came after records it removes that shadowed newer
+		// ones (see replayState): replay again from scratch, with every
+		// object's highest clear known from the start. Rare: it takes a
+		// clear, an out-of-order tag and a deleted checkpoint.
+		floor := e.ix.replay.floor
+		e.log.Info("replaying the log again, leaving out the records of cleared objects older than their clear",
+			"objects", len(floor))
+		for _, s := range e.ix.segs {
+			s.release()
+		}
+		e.ix, e.deleted = newIndex(), make(map[uint64]uint64)
+		truncated := st.truncated
+		if st, err = e.replayLog(ids, floor); err != nil {
 			return err
 		}
-		e.ix.segs[id] = s
-		st.maxSeq = max(st.maxSeq, s.firstSeq)
-		if last {
-			err = e.replayTail(s, st)
-		} else {
-			err = e.replaySealed(s, st)
-		}
-		if err != nil {
-			return err
-		}
+		st.truncated += truncated
 	}
+	e.ix.replay = nil
 	e.nextSeq = st.maxSeq + 1
 	if len(ids) == 0 {
 		s, err := createSegment(e.dir, 1, e.nextSeq, int((e.opts.SegmentSize-segHeaderSize)/BlockSize)+1)
@@ -88,6 +89,36 @@ func (e *Engine) recover() error {
 		"objects", e.ix.nobjs, "extents", e.ix.nextents, "truncated_bytes", st.truncated,
 		"verified_tail_bytes", st.verified, "elapsed", time.Since(start))
 	return nil
+}
+
+// replayLog loads the deleted-volumes table and replays the segments ids
+// into the index, which must be empty. floor, if not nil, is every
+// object's highest CLEAR, from an earlier replay (see replayState).
+func (e *Engine) replayLog(ids []uint32, floor map[ObjectID]uint64) (*replayStats, error) {
+	e.ix.replay = newReplayState(floor)
+	maxSeq, err := e.loadDeleted()
+	if err != nil {
+		return nil, err
+	}
+	st := &replayStats{maxSeq: maxSeq}
+	for i, id := range ids {
+		last := i == len(ids)-1
+		s, err := e.openSegment(id, last)
+		if err != nil {
+			return nil, err
+		}
+		e.ix.segs[id] = s
+		st.maxSeq = max(st.maxSeq, s.firstSeq)
+		if last {
+			err = e.replayTail(s, st)
+		} else {
+			err = e.replaySealed(s, st)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return st, nil
 }
 
 type replayStats struct {
@@ -160,6 +191,12 @@ func (e *Engine) replayRecord(s *segment, h *recHeader, crcb []byte, off int64, 
 	}
 	if d, ok := e.deleted[h.id.Volume]; ok && h.seq < d {
 		return // written before its volume was deleted
+	}
+	if (h.typ == recWrite || h.typ == recTrim && h.flags&flagZero != 0) && e.ix.clearedBefore(h.id, h.seq) {
+		// A CLEAR of the object removes it: left out, so that it cannot
+		// shadow a newer record before a copied clear is replayed.
+		e.ix.applyVersion(h, s)
+		return
 	}
 	switch h.typ {
 	case recWrite:
