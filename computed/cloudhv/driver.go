@@ -363,10 +363,13 @@ func (d *Driver) launch(ctx context.Context, spec hypervisor.Spec) (*Machine, er
 		return nil, err
 	}
 	m.proc = proc
+	// The pid file is written before the exit watcher starts, so that a process that exits at once still has
+	// its pid file removed by the watcher.
+	pidErr := writePIDFile(pidFile, proc.pid)
 	go m.watchExit()
-	if err := writePIDFile(pidFile, proc.pid); err != nil {
+	if pidErr != nil {
 		m.abort(ctx)
-		return nil, err
+		return nil, pidErr
 	}
 	var ping PingResponse
 	err = waitFor(ctx, 20*time.Millisecond, func() (bool, error) {
