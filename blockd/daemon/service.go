@@ -41,7 +41,7 @@ func (b *blockService) VolumeOpen(_ context.Context, req *basaltv1.VolumeOpenReq
 
 // RevertToCheckpoint copies back, through this node's gateway, what changed in a volume since a checkpoint.
 func (b *blockService) RevertToCheckpoint(ctx context.Context, req *basaltv1.RevertToCheckpointRequest) (*basaltv1.RevertToCheckpointResponse, error) {
-	n, err := b.gw.Revert(ctx, req.GetVolume(), req.GetCheckpoint(), nil)
+	n, err := b.gw.Revert(ctx, req.GetVolume(), req.GetCheckpoint())
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "revert volume %d to checkpoint %d: %v", req.GetVolume(), req.GetCheckpoint(), err)
 	}
@@ -50,7 +50,7 @@ func (b *blockService) RevertToCheckpoint(ctx context.Context, req *basaltv1.Rev
 
 // FlattenClone copies into a linked clone, through this node's gateway, what it still reads from its parent.
 func (b *blockService) FlattenClone(ctx context.Context, req *basaltv1.FlattenCloneRequest) (*basaltv1.FlattenCloneResponse, error) {
-	n, err := b.gw.Flatten(ctx, req.GetVolume(), nil)
+	n, err := b.gw.Flatten(ctx, req.GetVolume())
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "flatten volume %d: %v", req.GetVolume(), err)
 	}

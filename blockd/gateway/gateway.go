@@ -74,7 +74,7 @@ func (g *Gateway) Export(ctx context.Context, name string) (*nbd.Export, error) 
 	}
 	backend := &volume{g: g, id: vol.GetId(), name: volName}
 	if atCheckpoint {
-		ckpt := findCheckpoint(vol, ckptName)
+		ckpt := vol.CheckpointNamed(ckptName)
 		if ckpt == nil {
 			return nil, fmt.Errorf("volume %q has no checkpoint %q: %w", volName, ckptName, nbd.ErrNoSuchExport)
 		}
@@ -85,15 +85,6 @@ func (g *Gateway) Export(ctx context.Context, name string) (*nbd.Export, error) 
 	}
 	e.Backend = backend
 	return e, nil
-}
-
-func findCheckpoint(vol *basaltv1.Volume, name string) *basaltv1.Checkpoint {
-	for _, c := range vol.GetCheckpoints() {
-		if c.GetName() == name {
-			return c
-		}
-	}
-	return nil
 }
 
 // VolumeOpen reports whether an NBD client of this node has the volume (or one of its checkpoints) open.
@@ -336,39 +327,64 @@ func (g *Gateway) Changed(ctx context.Context, volID uint64, from, to uint32, of
 	return out, nil
 }
 
-// syncAll syncs every storage node that is up, this one included.
+// syncAll syncs every storage node that is up, this one included. A node that does not answer is asked again,
+// like any operation, until the cluster map no longer counts it up (a dead node holds no acknowledged write
+// that its PGs' other members lack) or the operation's deadline passes.
 func (g *Gateway) syncAll(ctx context.Context) error {
-	m := g.View.Map()
-	var nodes []*basaltv1.StorageNode
-	for _, n := range m.GetNodes() {
-		if n.GetUp() {
-			nodes = append(nodes, n)
+	timeout := g.OpTimeout
+	if timeout == 0 {
+		timeout = DefaultOpTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	synced := map[string]bool{}
+	for {
+		changed := g.View.Changed()
+		var nodes []*basaltv1.StorageNode
+		for _, n := range g.View.Map().GetNodes() {
+			if n.GetUp() && !synced[n.GetId()] {
+				nodes = append(nodes, n)
+			}
+		}
+		type result struct {
+			id  string
+			err error
+		}
+		results := make(chan result, len(nodes))
+		for _, n := range nodes {
+			go func() {
+				actx, acancel := context.WithTimeout(ctx, attemptTimeout)
+				defer acancel()
+				if n.GetId() == g.OSD.ID() {
+					results <- result{n.GetId(), g.OSD.SyncLocal(actx)}
+					return
+				}
+				c, err := g.Peers.Client(n)
+				if err == nil {
+					_, err = c.Sync(actx, &basaltv1.SyncRequest{})
+				}
+				results <- result{n.GetId(), err}
+			}()
+		}
+		var failed error
+		for range nodes {
+			r := <-results
+			if r.err != nil {
+				failed = errors.Join(failed, fmt.Errorf("%s: %w", r.id, r.err))
+				continue
+			}
+			synced[r.id] = true
+		}
+		if failed == nil {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-time.After(200 * time.Millisecond):
+		case <-ctx.Done():
+			return fmt.Errorf("flush: %v: %w", failed, nbd.ErrIO)
 		}
 	}
-	errs := make(chan error, len(nodes))
-	for _, n := range nodes {
-		go func() {
-			if n.GetId() == g.OSD.ID() {
-				errs <- g.OSD.SyncLocal(ctx)
-				return
-			}
-			c, err := g.Peers.Client(n)
-			if err == nil {
-				_, err = c.Sync(ctx, &basaltv1.SyncRequest{})
-			}
-			errs <- err
-		}()
-	}
-	var failed error
-	for range nodes {
-		if err := <-errs; err != nil {
-			failed = errors.Join(failed, err)
-		}
-	}
-	if failed != nil {
-		return fmt.Errorf("flush: %v: %w", failed, nbd.ErrIO)
-	}
-	return nil
 }
 
 // op sends one piece to its primary, retrying through map changes until the operation deadline.
@@ -456,7 +472,7 @@ const revertWindow = 1 << 30
 // Revert makes the volume's current content that of checkpoint ckpt: every range changed since the checkpoint
 // is copied back from it (data written, holes trimmed). It returns the bytes of data copied. Repeating it is
 // harmless, so an interrupted revert is finished by running it again.
-func (g *Gateway) Revert(ctx context.Context, volID uint64, ckpt uint32, progress func(done, total int64)) (int64, error) {
+func (g *Gateway) Revert(ctx context.Context, volID uint64, ckpt uint32) (int64, error) {
 	vol := g.View.VolumeByID(volID)
 	if vol == nil {
 		return 0, fmt.Errorf("volume %d does not exist", volID)
@@ -480,34 +496,11 @@ func (g *Gateway) Revert(ctx context.Context, volID uint64, ckpt uint32, progres
 			return copied, fmt.Errorf("list changes since the checkpoint: %w", err)
 		}
 		for _, c := range changed {
-			runs, err := at.BlockStatus(ctx, c.GetOffset(), c.GetLength())
+			n, err := copyRuns(ctx, at, head, c.GetOffset(), c.GetOffset(), c.GetLength(), buf)
+			copied += n
 			if err != nil {
-				return copied, fmt.Errorf("read the checkpoint's allocation: %w", err)
+				return copied, err
 			}
-			pos := c.GetOffset()
-			for _, r := range runs {
-				if r.Hole {
-					if err := head.Trim(ctx, pos, r.Length, false); err != nil {
-						return copied, fmt.Errorf("trim at %d: %w", pos, err)
-					}
-				} else {
-					for done := int64(0); done < r.Length; {
-						n := min(int64(len(buf)), r.Length-done)
-						if err := at.ReadAt(ctx, buf[:n], pos+done); err != nil {
-							return copied, fmt.Errorf("read the checkpoint at %d: %w", pos+done, err)
-						}
-						if err := head.WriteAt(ctx, buf[:n], pos+done, false); err != nil {
-							return copied, fmt.Errorf("write at %d: %w", pos+done, err)
-						}
-						done += n
-						copied += n
-					}
-				}
-				pos += r.Length
-			}
-		}
-		if progress != nil {
-			progress(min(off+revertWindow, size), size)
 		}
 	}
 	if err := g.syncAll(ctx); err != nil {
@@ -516,9 +509,46 @@ func (g *Gateway) Revert(ctx context.Context, volID uint64, ckpt uint32, progres
 	return copied, nil
 }
 
+// copyRuns copies [srcOff, srcOff+length) of from onto to at dstOff, run by run of from's allocation: data is
+// read and written, holes become trims (so the destination reads the same and stays thin). It returns the
+// bytes of data copied.
+func copyRuns(ctx context.Context, from, to *volume, srcOff, dstOff, length int64, buf []byte) (int64, error) {
+	runs, err := from.BlockStatus(ctx, srcOff, length)
+	if err != nil {
+		return 0, fmt.Errorf("read the source's allocation at %d: %w", srcOff, err)
+	}
+	var copied int64
+	pos := int64(0)
+	for _, r := range runs {
+		rl := min(r.Length, length-pos)
+		if rl <= 0 {
+			break
+		}
+		if r.Hole {
+			if err := to.Trim(ctx, dstOff+pos, rl, false); err != nil {
+				return copied, fmt.Errorf("trim the destination at %d: %w", dstOff+pos, err)
+			}
+		} else {
+			for d := int64(0); d < rl; {
+				k := min(int64(len(buf)), rl-d)
+				if err := from.ReadAt(ctx, buf[:k], srcOff+pos+d); err != nil {
+					return copied, fmt.Errorf("read the source at %d: %w", srcOff+pos+d, err)
+				}
+				if err := to.WriteAt(ctx, buf[:k], dstOff+pos+d, false); err != nil {
+					return copied, fmt.Errorf("write the destination at %d: %w", dstOff+pos+d, err)
+				}
+				d += k
+				copied += k
+			}
+		}
+		pos += rl
+	}
+	return copied, nil
+}
+
 // Flatten copies into a linked clone every block it still reads from its parent, object by object, a few at a
 // time, and returns the bytes copied. Writes to the clone go on meanwhile: a copy never lands above them.
-func (g *Gateway) Flatten(ctx context.Context, volID uint64, progress func(done, total uint64)) (int64, error) {
+func (g *Gateway) Flatten(ctx context.Context, volID uint64) (int64, error) {
 	vol := g.View.VolumeByID(volID)
 	if vol == nil {
 		return 0, fmt.Errorf("volume %d does not exist", volID)
@@ -534,7 +564,6 @@ func (g *Gateway) Flatten(ctx context.Context, volID uint64, progress func(done,
 	var (
 		mu     sync.Mutex
 		copied int64
-		done   uint64
 		first  error
 		next   uint64
 	)
@@ -558,10 +587,6 @@ func (g *Gateway) Flatten(ctx context.Context, volID uint64, progress func(done,
 					first = fmt.Errorf("copy object %d from the parent: %w", idx, err)
 				}
 				copied += int64(resp.GetCopiedBytes())
-				done++
-				if progress != nil {
-					progress(done, objects)
-				}
 				mu.Unlock()
 			}
 		}()
@@ -587,35 +612,10 @@ func (g *Gateway) CopyRange(ctx context.Context, srcID uint64, srcView uint32, d
 	buf := make([]byte, 1<<20)
 	const step = 64 << 20
 	for at := int64(0); at < length; at += step {
-		n := min(int64(step), length-at)
-		runs, err := from.BlockStatus(ctx, srcOff+at, n)
+		n, err := copyRuns(ctx, from, to, srcOff+at, dstOff+at, min(int64(step), length-at), buf)
+		copied += n
 		if err != nil {
-			return copied, fmt.Errorf("read the source's allocation at %d: %w", srcOff+at, err)
-		}
-		pos := at
-		for _, r := range runs {
-			rl := min(r.Length, at+n-pos)
-			if rl <= 0 {
-				break
-			}
-			if r.Hole {
-				if err := to.Trim(ctx, dstOff+pos, rl, false); err != nil {
-					return copied, fmt.Errorf("trim the destination at %d: %w", dstOff+pos, err)
-				}
-			} else {
-				for d := int64(0); d < rl; {
-					k := min(int64(len(buf)), rl-d)
-					if err := from.ReadAt(ctx, buf[:k], srcOff+pos+d); err != nil {
-						return copied, fmt.Errorf("read the source at %d: %w", srcOff+pos+d, err)
-					}
-					if err := to.WriteAt(ctx, buf[:k], dstOff+pos+d, false); err != nil {
-						return copied, fmt.Errorf("write the destination at %d: %w", dstOff+pos+d, err)
-					}
-					d += k
-					copied += k
-				}
-			}
-			pos += rl
+			return copied, err
 		}
 	}
 	return copied, g.syncAll(ctx)
@@ -629,7 +629,7 @@ func (v *volume) HasDirtyBitmap(_ context.Context, name string) bool {
 }
 
 func (v *volume) checkpointID(name string) uint32 {
-	if c := findCheckpoint(v.g.View.VolumeByID(v.id), name); c != nil {
+	if c := v.g.View.VolumeByID(v.id).CheckpointNamed(name); c != nil {
 		return c.GetId()
 	}
 	return 0

@@ -77,7 +77,7 @@ func (s *CheckpointServer) createCheckpoint(ctx context.Context, name string, na
 			return nil, err
 		}
 		vol := rec.Value
-		if findCheckpoint(vol, name) != nil {
+		if vol.CheckpointNamed(name) != nil {
 			return nil, status.Errorf(codes.AlreadyExists, "volume %q already has a checkpoint %q", n, name)
 		}
 		if p := vol.GetPendingCheckpoint(); p != nil {
@@ -109,16 +109,10 @@ func (s *CheckpointServer) createCheckpoint(ctx context.Context, name string, na
 	if err != nil {
 		return nil, err
 	}
-	m, err := clustermap.Get(ctx, s.Store)
+	nodes, err := s.upNodes(ctx)
 	if err != nil {
 		s.abort(recs, revs, token, refs, nil)
-		return nil, toStatus(err)
-	}
-	var nodes []*basaltv1.StorageNode
-	for _, n := range m.GetNodes() {
-		if n.GetUp() {
-			nodes = append(nodes, n)
-		}
+		return nil, err
 	}
 	pctx, cancel := context.WithDeadline(ctx, deadline.Add(-checkpointHold/3))
 	err = s.fanOut(pctx, nodes, func(ctx context.Context, _ *basaltv1.StorageNode, c basaltv1.BlockServiceClient) error {
@@ -241,21 +235,12 @@ func newToken() string {
 	return hex.EncodeToString(b)
 }
 
-func findCheckpoint(vol *basaltv1.Volume, name string) *basaltv1.Checkpoint {
-	for _, c := range vol.GetCheckpoints() {
-		if c.GetName() == name {
-			return c
-		}
-	}
-	return nil
-}
-
 func (s *CheckpointServer) checkpointOf(ctx context.Context, volume, name string) (store.Record[*basaltv1.Volume], *basaltv1.Checkpoint, error) {
 	rec, err := (&VolumeServer{Store: s.Store}).get(ctx, volume)
 	if err != nil {
 		return rec, nil, err
 	}
-	c := findCheckpoint(rec.Value, name)
+	c := rec.Value.CheckpointNamed(name)
 	if c == nil {
 		return rec, nil, status.Errorf(codes.NotFound, "volume %q has no checkpoint %q", volume, name)
 	}
@@ -278,15 +263,9 @@ func (s *CheckpointServer) ListCheckpoints(ctx context.Context, r *basaltv1.List
 	for _, c := range vol.GetCheckpoints() {
 		views = append(views, c.GetId())
 	}
-	m, err := clustermap.Get(ctx, s.Store)
+	nodes, err := s.upNodes(ctx)
 	if err != nil {
-		return nil, toStatus(err)
-	}
-	var nodes []*basaltv1.StorageNode
-	for _, n := range m.GetNodes() {
-		if n.GetUp() {
-			nodes = append(nodes, n)
-		}
+		return nil, err
 	}
 	visible := map[uint32]uint64{}
 	exclusive := map[uint32]uint64{}
@@ -425,14 +404,14 @@ func (s *CheckpointServer) GetChangedExtents(ctx context.Context, r *basaltv1.Ge
 	var from, to uint32
 	end := vol.GetSizeBytes()
 	if r.GetFrom() != "" {
-		c := findCheckpoint(vol, r.GetFrom())
+		c := vol.CheckpointNamed(r.GetFrom())
 		if c == nil {
 			return nil, status.Errorf(codes.NotFound, "volume %q has no checkpoint %q", vol.GetName(), r.GetFrom())
 		}
 		from = c.GetId()
 	}
 	if r.GetTo() != "" {
-		c := findCheckpoint(vol, r.GetTo())
+		c := vol.CheckpointNamed(r.GetTo())
 		if c == nil {
 			return nil, status.Errorf(codes.NotFound, "volume %q has no checkpoint %q", vol.GetName(), r.GetTo())
 		}

@@ -33,7 +33,7 @@ func (v *VolumeServer) cloneSource(ctx context.Context, source string) (*parentI
 	if err != nil {
 		return nil, err
 	}
-	c := findCheckpoint(rec.Value, ckptName)
+	c := rec.Value.CheckpointNamed(ckptName)
 	if c == nil {
 		return nil, status.Errorf(codes.NotFound, "volume %q has no checkpoint %q", volName, ckptName)
 	}
@@ -157,7 +157,7 @@ func (v *VolumeServer) CopyVolume(ctx context.Context, r *basaltv1.CopyVolumeReq
 	srcSize := src.Value.GetSizeBytes()
 	var view uint32
 	if atCheckpoint {
-		c := findCheckpoint(src.Value, ckptName)
+		c := src.Value.CheckpointNamed(ckptName)
 		if c == nil {
 			return nil, status.Errorf(codes.NotFound, "volume %q has no checkpoint %q", srcName, ckptName)
 		}

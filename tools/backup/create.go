@@ -163,7 +163,7 @@ func Create(ctx context.Context, api API, dir string, volumes []string, opts Cre
 		res.Warnings = append(res.Warnings, fmt.Sprintf("could not rewrite %s: %v", filepath.Join(dir, manifestFile), err))
 	}
 	for _, j := range jobs {
-		if j.prev == nil || j.prev.Checkpoint == ckName || !hasCheckpoint(j.vol, j.prev.Checkpoint) {
+		if j.prev == nil || j.prev.Checkpoint == ckName || j.vol.CheckpointNamed(j.prev.Checkpoint) == nil {
 			continue
 		}
 		name := j.vol.GetName()
@@ -214,21 +214,12 @@ func planVolume(ctx context.Context, api API, dir, name string, full bool, res *
 		return nil, fmt.Errorf("volume %s was deleted and created again since its point %s (volume id %d, now %d): run with --full to start a new chain",
 			name, prev.Name, prev.VolumeID, vol.GetId())
 	}
-	if !hasCheckpoint(vol, prev.Checkpoint) {
+	if vol.CheckpointNamed(prev.Checkpoint) == nil {
 		return nil, fmt.Errorf("volume %s no longer has checkpoint %s, which its newest point %s was taken at, so what changed since cannot be known: run with --full to start a new chain",
 			name, prev.Checkpoint, prev.Name)
 	}
 	j.prev = prev
 	return j, nil
-}
-
-func hasCheckpoint(vol *basaltv1.Volume, name string) bool {
-	for _, c := range vol.GetCheckpoints() {
-		if c.GetName() == name {
-			return true
-		}
-	}
-	return false
 }
 
 func joinVolumes(v []string) string {

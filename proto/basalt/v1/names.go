@@ -27,3 +27,13 @@ func ParseNodeKind(s string) (NodeKind, error) {
 func (s NodeState) Name() string {
 	return strings.ToLower(strings.TrimPrefix(s.String(), "NODE_STATE_"))
 }
+
+// CheckpointNamed returns the volume's live checkpoint called name, or nil.
+func (v *Volume) CheckpointNamed(name string) *Checkpoint {
+	for _, c := range v.GetCheckpoints() {
+		if c.GetName() == name {
+			return c
+		}
+	}
+	return nil
+}
