@@ -51,16 +51,6 @@ func kvmCanRunGuests(t *testing.T) string {
 	return ""
 }
 
-// TestKVMProbe reports what the probe the end-to-end test relies on finds on this machine. It never fails:
-// whether KVM works is a property of the machine, not of the code.
-func TestKVMProbe(t *testing.T) {
-	if why := kvmCanRunGuests(t); why != "" {
-		t.Logf("KVM probe: %s", why)
-	} else {
-		t.Log("KVM probe: a one-instruction guest ran to HLT (necessary, not sufficient, for booting Linux)")
-	}
-}
-
 // syncBuffer collects console output from one goroutine for reading in another.
 type syncBuffer struct {
 	mu  sync.Mutex
