@@ -126,6 +126,29 @@ func (g *Gateway) volume(ctx context.Context, name string) (*basaltv1.Volume, er
 	}
 }
 
+// volumeByID returns a volume from the view, waiting up to viewLag for it (and for ready, if not nil) when the
+// view lags etcd: metad asks for work on a volume, or a checkpoint, it has just recorded. IDs are never reused,
+// so a volume at or below the highest ID the view has seen, and not in it, was deleted.
+func (g *Gateway) volumeByID(ctx context.Context, id uint64, ready func(*basaltv1.Volume) bool) (*basaltv1.Volume, error) {
+	ctx, cancel := context.WithTimeout(ctx, viewLag)
+	defer cancel()
+	for {
+		changed := g.View.Changed()
+		vol := g.View.VolumeByID(id)
+		switch {
+		case vol != nil && (ready == nil || ready(vol)):
+			return vol, nil
+		case vol == nil && id <= g.View.MaxVolumeID():
+			return nil, fmt.Errorf("volume %d does not exist", id)
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("volume %d: this node's view has not caught up with etcd within %s", id, viewLag)
+		}
+	}
+}
+
 // ExportNames lists every volume.
 func (g *Gateway) ExportNames(context.Context) ([]string, error) {
 	var names []string
@@ -290,9 +313,9 @@ func (v *volume) BlockStatus(ctx context.Context, off, length int64) ([]nbd.Exte
 // Changed lists the ranges of a volume written or trimmed in checkpoint layers [from, to) (to 0: up to now)
 // within [off, off+length), in volume offsets, adjacent ranges of the same kind merged.
 func (g *Gateway) Changed(ctx context.Context, volID uint64, from, to uint32, off, length int64) ([]*basaltv1.Extent, error) {
-	vol := g.View.VolumeByID(volID)
-	if vol == nil {
-		return nil, fmt.Errorf("volume %d does not exist", volID)
+	vol, err := g.volumeByID(ctx, volID, nil)
+	if err != nil {
+		return nil, err
 	}
 	v := &volume{g: g, id: volID, name: vol.GetName(), view: to}
 	ps := pieces(off, length)
@@ -300,7 +323,7 @@ func (g *Gateway) Changed(ctx context.Context, volID uint64, from, to uint32, of
 	for i := range ps {
 		ps[i].slot = i
 	}
-	err := each(ps, func(pc piece) error {
+	err = each(ps, func(pc piece) error {
 		resp, err := g.op(ctx, v, pc, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_CHANGED, View: to, ChangedFrom: from})
 		if err != nil {
 			return err
@@ -473,9 +496,9 @@ const revertWindow = 1 << 30
 // is copied back from it (data written, holes trimmed). It returns the bytes of data copied. Repeating it is
 // harmless, so an interrupted revert is finished by running it again.
 func (g *Gateway) Revert(ctx context.Context, volID uint64, ckpt uint32) (int64, error) {
-	vol := g.View.VolumeByID(volID)
-	if vol == nil {
-		return 0, fmt.Errorf("volume %d does not exist", volID)
+	vol, err := g.volumeByID(ctx, volID, func(v *basaltv1.Volume) bool { return v.GetCheckpointSeq() >= ckpt })
+	if err != nil {
+		return 0, err
 	}
 	var size int64 = -1
 	for _, c := range vol.GetCheckpoints() {
@@ -549,9 +572,9 @@ func copyRuns(ctx context.Context, from, to *volume, srcOff, dstOff, length int6
 // Flatten copies into a linked clone every block it still reads from its parent, object by object, a few at a
 // time, and returns the bytes copied. Writes to the clone go on meanwhile: a copy never lands above them.
 func (g *Gateway) Flatten(ctx context.Context, volID uint64) (int64, error) {
-	vol := g.View.VolumeByID(volID)
-	if vol == nil {
-		return 0, fmt.Errorf("volume %d does not exist", volID)
+	vol, err := g.volumeByID(ctx, volID, nil)
+	if err != nil {
+		return 0, err
 	}
 	parent := vol.GetParent()
 	if parent == nil {
@@ -602,9 +625,13 @@ func (g *Gateway) Flatten(ctx context.Context, volID uint64) (int64, error) {
 // inside the cluster: holes of the source become trims of the destination, so it reads the same and stays
 // thin. It returns the bytes of data copied.
 func (g *Gateway) CopyRange(ctx context.Context, srcID uint64, srcView uint32, dstID uint64, srcOff, dstOff, length int64) (int64, error) {
-	src, dst := g.View.VolumeByID(srcID), g.View.VolumeByID(dstID)
-	if src == nil || dst == nil {
-		return 0, fmt.Errorf("copy between volumes %d and %d: a volume does not exist", srcID, dstID)
+	src, err := g.volumeByID(ctx, srcID, func(v *basaltv1.Volume) bool { return v.GetCheckpointSeq() >= srcView })
+	if err != nil {
+		return 0, err
+	}
+	dst, err := g.volumeByID(ctx, dstID, nil)
+	if err != nil {
+		return 0, err
 	}
 	from := &volume{g: g, id: srcID, name: src.GetName(), view: srcView}
 	to := &volume{g: g, id: dstID, name: dst.GetName()}
