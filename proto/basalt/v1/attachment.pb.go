@@ -28,9 +28,12 @@ type Attachment struct {
 	// Node ID of the computed host the volume is attached to.
 	Host string `protobuf:"bytes,2,opt,name=host,proto3" json:"host,omitempty"`
 	// Bumped on every attach and on fencing; writes carrying an older generation are refused.
-	Generation    uint64                 `protobuf:"varint,3,opt,name=generation,proto3" json:"generation,omitempty"`
-	Exclusive     bool                   `protobuf:"varint,4,opt,name=exclusive,proto3" json:"exclusive,omitempty"`
-	AttachedAt    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=attached_at,json=attachedAt,proto3" json:"attached_at,omitempty"`
+	Generation uint64                 `protobuf:"varint,3,opt,name=generation,proto3" json:"generation,omitempty"`
+	Exclusive  bool                   `protobuf:"varint,4,opt,name=exclusive,proto3" json:"exclusive,omitempty"`
+	AttachedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=attached_at,json=attachedAt,proto3" json:"attached_at,omitempty"`
+	// Prepared for a live migration's destination: writes with this generation are refused until the
+	// switchover makes it the volume's attachment (and drops the source's).
+	Incoming      bool `protobuf:"varint,6,opt,name=incoming,proto3" json:"incoming,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -98,6 +101,13 @@ func (x *Attachment) GetAttachedAt() *timestamppb.Timestamp {
 		return x.AttachedAt
 	}
 	return nil
+}
+
+func (x *Attachment) GetIncoming() bool {
+	if x != nil {
+		return x.Incoming
+	}
+	return false
 }
 
 type AttachRequest struct {
@@ -329,11 +339,108 @@ func (x *ListAttachmentsResponse) GetAttachments() []*Attachment {
 	return nil
 }
 
+type FenceHostRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Host          string                 `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FenceHostRequest) Reset() {
+	*x = FenceHostRequest{}
+	mi := &file_basalt_v1_attachment_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FenceHostRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FenceHostRequest) ProtoMessage() {}
+
+func (x *FenceHostRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_attachment_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FenceHostRequest.ProtoReflect.Descriptor instead.
+func (*FenceHostRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_attachment_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *FenceHostRequest) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+type FenceHostResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The volumes fenced, and the etcd revision every up blockd confirmed.
+	Volumes       []string `protobuf:"bytes,1,rep,name=volumes,proto3" json:"volumes,omitempty"`
+	Revision      int64    `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FenceHostResponse) Reset() {
+	*x = FenceHostResponse{}
+	mi := &file_basalt_v1_attachment_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FenceHostResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FenceHostResponse) ProtoMessage() {}
+
+func (x *FenceHostResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_attachment_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FenceHostResponse.ProtoReflect.Descriptor instead.
+func (*FenceHostResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_attachment_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *FenceHostResponse) GetVolumes() []string {
+	if x != nil {
+		return x.Volumes
+	}
+	return nil
+}
+
+func (x *FenceHostResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 var File_basalt_v1_attachment_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_attachment_proto_rawDesc = "" +
 	"\n" +
-	"\x1abasalt/v1/attachment.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x01\n" +
+	"\x1abasalt/v1/attachment.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x01\n" +
 	"\n" +
 	"Attachment\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
@@ -343,7 +450,8 @@ const file_basalt_v1_attachment_proto_rawDesc = "" +
 	"generation\x12\x1c\n" +
 	"\texclusive\x18\x04 \x01(\bR\texclusive\x12;\n" +
 	"\vattached_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"attachedAt\";\n" +
+	"attachedAt\x12\x1a\n" +
+	"\bincoming\x18\x06 \x01(\bR\bincoming\";\n" +
 	"\rAttachRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
 	"\x04host\x18\x02 \x01(\tR\x04host\";\n" +
@@ -354,11 +462,17 @@ const file_basalt_v1_attachment_proto_rawDesc = "" +
 	"\x16ListAttachmentsRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\"R\n" +
 	"\x17ListAttachmentsResponse\x127\n" +
-	"\vattachments\x18\x01 \x03(\v2\x15.basalt.v1.AttachmentR\vattachments2\xe7\x01\n" +
+	"\vattachments\x18\x01 \x03(\v2\x15.basalt.v1.AttachmentR\vattachments\"&\n" +
+	"\x10FenceHostRequest\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\"I\n" +
+	"\x11FenceHostResponse\x12\x18\n" +
+	"\avolumes\x18\x01 \x03(\tR\avolumes\x12\x1a\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision2\xaf\x02\n" +
 	"\x11AttachmentService\x129\n" +
 	"\x06Attach\x12\x18.basalt.v1.AttachRequest\x1a\x15.basalt.v1.Attachment\x12=\n" +
 	"\x06Detach\x12\x18.basalt.v1.DetachRequest\x1a\x19.basalt.v1.DetachResponse\x12X\n" +
-	"\x0fListAttachments\x12!.basalt.v1.ListAttachmentsRequest\x1a\".basalt.v1.ListAttachmentsResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
+	"\x0fListAttachments\x12!.basalt.v1.ListAttachmentsRequest\x1a\".basalt.v1.ListAttachmentsResponse\x12F\n" +
+	"\tFenceHost\x12\x1b.basalt.v1.FenceHostRequest\x1a\x1c.basalt.v1.FenceHostResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
 
 var (
 	file_basalt_v1_attachment_proto_rawDescOnce sync.Once
@@ -372,7 +486,7 @@ func file_basalt_v1_attachment_proto_rawDescGZIP() []byte {
 	return file_basalt_v1_attachment_proto_rawDescData
 }
 
-var file_basalt_v1_attachment_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_basalt_v1_attachment_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_basalt_v1_attachment_proto_goTypes = []any{
 	(*Attachment)(nil),              // 0: basalt.v1.Attachment
 	(*AttachRequest)(nil),           // 1: basalt.v1.AttachRequest
@@ -380,19 +494,23 @@ var file_basalt_v1_attachment_proto_goTypes = []any{
 	(*DetachResponse)(nil),          // 3: basalt.v1.DetachResponse
 	(*ListAttachmentsRequest)(nil),  // 4: basalt.v1.ListAttachmentsRequest
 	(*ListAttachmentsResponse)(nil), // 5: basalt.v1.ListAttachmentsResponse
-	(*timestamppb.Timestamp)(nil),   // 6: google.protobuf.Timestamp
+	(*FenceHostRequest)(nil),        // 6: basalt.v1.FenceHostRequest
+	(*FenceHostResponse)(nil),       // 7: basalt.v1.FenceHostResponse
+	(*timestamppb.Timestamp)(nil),   // 8: google.protobuf.Timestamp
 }
 var file_basalt_v1_attachment_proto_depIdxs = []int32{
-	6, // 0: basalt.v1.Attachment.attached_at:type_name -> google.protobuf.Timestamp
+	8, // 0: basalt.v1.Attachment.attached_at:type_name -> google.protobuf.Timestamp
 	0, // 1: basalt.v1.ListAttachmentsResponse.attachments:type_name -> basalt.v1.Attachment
 	1, // 2: basalt.v1.AttachmentService.Attach:input_type -> basalt.v1.AttachRequest
 	2, // 3: basalt.v1.AttachmentService.Detach:input_type -> basalt.v1.DetachRequest
 	4, // 4: basalt.v1.AttachmentService.ListAttachments:input_type -> basalt.v1.ListAttachmentsRequest
-	0, // 5: basalt.v1.AttachmentService.Attach:output_type -> basalt.v1.Attachment
-	3, // 6: basalt.v1.AttachmentService.Detach:output_type -> basalt.v1.DetachResponse
-	5, // 7: basalt.v1.AttachmentService.ListAttachments:output_type -> basalt.v1.ListAttachmentsResponse
-	5, // [5:8] is the sub-list for method output_type
-	2, // [2:5] is the sub-list for method input_type
+	6, // 5: basalt.v1.AttachmentService.FenceHost:input_type -> basalt.v1.FenceHostRequest
+	0, // 6: basalt.v1.AttachmentService.Attach:output_type -> basalt.v1.Attachment
+	3, // 7: basalt.v1.AttachmentService.Detach:output_type -> basalt.v1.DetachResponse
+	5, // 8: basalt.v1.AttachmentService.ListAttachments:output_type -> basalt.v1.ListAttachmentsResponse
+	7, // 9: basalt.v1.AttachmentService.FenceHost:output_type -> basalt.v1.FenceHostResponse
+	6, // [6:10] is the sub-list for method output_type
+	2, // [2:6] is the sub-list for method input_type
 	2, // [2:2] is the sub-list for extension type_name
 	2, // [2:2] is the sub-list for extension extendee
 	0, // [0:2] is the sub-list for field type_name
@@ -409,7 +527,7 @@ func file_basalt_v1_attachment_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_attachment_proto_rawDesc), len(file_basalt_v1_attachment_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,6 +22,7 @@ const (
 	AttachmentService_Attach_FullMethodName          = "/basalt.v1.AttachmentService/Attach"
 	AttachmentService_Detach_FullMethodName          = "/basalt.v1.AttachmentService/Detach"
 	AttachmentService_ListAttachments_FullMethodName = "/basalt.v1.AttachmentService/ListAttachments"
+	AttachmentService_FenceHost_FullMethodName       = "/basalt.v1.AttachmentService/FenceHost"
 )
 
 // AttachmentServiceClient is the client API for AttachmentService service.
@@ -34,6 +35,9 @@ type AttachmentServiceClient interface {
 	Attach(ctx context.Context, in *AttachRequest, opts ...grpc.CallOption) (*Attachment, error)
 	Detach(ctx context.Context, in *DetachRequest, opts ...grpc.CallOption) (*DetachResponse, error)
 	ListAttachments(ctx context.Context, in *ListAttachmentsRequest, opts ...grpc.CallOption) (*ListAttachmentsResponse, error)
+	// FenceHost bumps the attachment generation of every exclusive volume attached to the host and drops its
+	// attachments, then waits until every up blockd has seen that: the host can never write them again.
+	FenceHost(ctx context.Context, in *FenceHostRequest, opts ...grpc.CallOption) (*FenceHostResponse, error)
 }
 
 type attachmentServiceClient struct {
@@ -74,6 +78,16 @@ func (c *attachmentServiceClient) ListAttachments(ctx context.Context, in *ListA
 	return out, nil
 }
 
+func (c *attachmentServiceClient) FenceHost(ctx context.Context, in *FenceHostRequest, opts ...grpc.CallOption) (*FenceHostResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FenceHostResponse)
+	err := c.cc.Invoke(ctx, AttachmentService_FenceHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AttachmentServiceServer is the server API for AttachmentService service.
 // All implementations must embed UnimplementedAttachmentServiceServer
 // for forward compatibility.
@@ -84,6 +98,9 @@ type AttachmentServiceServer interface {
 	Attach(context.Context, *AttachRequest) (*Attachment, error)
 	Detach(context.Context, *DetachRequest) (*DetachResponse, error)
 	ListAttachments(context.Context, *ListAttachmentsRequest) (*ListAttachmentsResponse, error)
+	// FenceHost bumps the attachment generation of every exclusive volume attached to the host and drops its
+	// attachments, then waits until every up blockd has seen that: the host can never write them again.
+	FenceHost(context.Context, *FenceHostRequest) (*FenceHostResponse, error)
 	mustEmbedUnimplementedAttachmentServiceServer()
 }
 
@@ -102,6 +119,9 @@ func (UnimplementedAttachmentServiceServer) Detach(context.Context, *DetachReque
 }
 func (UnimplementedAttachmentServiceServer) ListAttachments(context.Context, *ListAttachmentsRequest) (*ListAttachmentsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListAttachments not implemented")
+}
+func (UnimplementedAttachmentServiceServer) FenceHost(context.Context, *FenceHostRequest) (*FenceHostResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method FenceHost not implemented")
 }
 func (UnimplementedAttachmentServiceServer) mustEmbedUnimplementedAttachmentServiceServer() {}
 func (UnimplementedAttachmentServiceServer) testEmbeddedByValue()                           {}
@@ -178,6 +198,24 @@ func _AttachmentService_ListAttachments_Handler(srv interface{}, ctx context.Con
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AttachmentService_FenceHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FenceHostRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AttachmentServiceServer).FenceHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AttachmentService_FenceHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AttachmentServiceServer).FenceHost(ctx, req.(*FenceHostRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AttachmentService_ServiceDesc is the grpc.ServiceDesc for AttachmentService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -196,6 +234,10 @@ var AttachmentService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListAttachments",
 			Handler:    _AttachmentService_ListAttachments_Handler,
+		},
+		{
+			MethodName: "FenceHost",
+			Handler:    _AttachmentService_FenceHost_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

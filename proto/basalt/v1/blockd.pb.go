@@ -1303,10 +1303,13 @@ type ClientOpRequest struct {
 	// knows a newer one refuses the write (FailedPrecondition), and the gateway retries with the newer one.
 	Layer uint32 `protobuf:"varint,8,opt,name=layer,proto3" json:"layer,omitempty"`
 	// Reads, extents and changes: the checkpoint to read (0: the current content).
-	View          uint32 `protobuf:"varint,9,opt,name=view,proto3" json:"view,omitempty"`
-	ChangedFrom   uint32 `protobuf:"varint,10,opt,name=changed_from,json=changedFrom,proto3" json:"changed_from,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	View        uint32 `protobuf:"varint,9,opt,name=view,proto3" json:"view,omitempty"`
+	ChangedFrom uint32 `protobuf:"varint,10,opt,name=changed_from,json=changedFrom,proto3" json:"changed_from,omitempty"`
+	// Writes: the attachment generation the NBD session was opened with (0: none). The primary refuses a
+	// write whose generation is not the volume's current attachment (PermissionDenied: fenced).
+	AttachGeneration uint64 `protobuf:"varint,11,opt,name=attach_generation,json=attachGeneration,proto3" json:"attach_generation,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *ClientOpRequest) Reset() {
@@ -1405,6 +1408,13 @@ func (x *ClientOpRequest) GetView() uint32 {
 func (x *ClientOpRequest) GetChangedFrom() uint32 {
 	if x != nil {
 		return x.ChangedFrom
+	}
+	return 0
+}
+
+func (x *ClientOpRequest) GetAttachGeneration() uint64 {
+	if x != nil {
+		return x.AttachGeneration
 	}
 	return 0
 }
@@ -2262,6 +2272,95 @@ func (*PushObjectResponse) Descriptor() ([]byte, []int) {
 	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{37}
 }
 
+type SyncViewRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Revision      int64                  `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SyncViewRequest) Reset() {
+	*x = SyncViewRequest{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SyncViewRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SyncViewRequest) ProtoMessage() {}
+
+func (x *SyncViewRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SyncViewRequest.ProtoReflect.Descriptor instead.
+func (*SyncViewRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *SyncViewRequest) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+type SyncViewResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The revision the node's view had reached.
+	Revision      int64 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SyncViewResponse) Reset() {
+	*x = SyncViewResponse{}
+	mi := &file_basalt_v1_blockd_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SyncViewResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SyncViewResponse) ProtoMessage() {}
+
+func (x *SyncViewResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_blockd_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SyncViewResponse.ProtoReflect.Descriptor instead.
+func (*SyncViewResponse) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_blockd_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *SyncViewResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 var File_basalt_v1_blockd_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_blockd_proto_rawDesc = "" +
@@ -2345,7 +2444,7 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"unrepaired\"9\n" +
 	"\tObjectRef\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\x04R\x06volume\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"\x9e\x02\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\xcb\x02\n" +
 	"\x0fClientOpRequest\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12,\n" +
 	"\x06object\x18\x02 \x01(\v2\x14.basalt.v1.ObjectRefR\x06object\x12\"\n" +
@@ -2357,7 +2456,8 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\x05layer\x18\b \x01(\rR\x05layer\x12\x12\n" +
 	"\x04view\x18\t \x01(\rR\x04view\x12!\n" +
 	"\fchanged_from\x18\n" +
-	" \x01(\rR\vchangedFrom\"`\n" +
+	" \x01(\rR\vchangedFrom\x12+\n" +
+	"\x11attach_generation\x18\v \x01(\x04R\x10attachGeneration\"`\n" +
 	"\x06Extent\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x16\n" +
 	"\x06length\x18\x02 \x01(\x03R\x06length\x12\x12\n" +
@@ -2414,7 +2514,11 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\aversion\x18\x04 \x01(\x04R\aversion\x12\x16\n" +
 	"\x06repair\x18\a \x01(\bR\x06repair\x12.\n" +
 	"\x06layers\x18\b \x03(\v2\x16.basalt.v1.ObjectLayerR\x06layersJ\x04\b\x05\x10\x06J\x04\b\x06\x10\a\"\x14\n" +
-	"\x12PushObjectResponse*\x9e\x01\n" +
+	"\x12PushObjectResponse\"-\n" +
+	"\x0fSyncViewRequest\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\".\n" +
+	"\x10SyncViewResponse\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision*\x9e\x01\n" +
 	"\aBlockOp\x12\x18\n" +
 	"\x14BLOCK_OP_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rBLOCK_OP_READ\x10\x01\x12\x12\n" +
@@ -2422,7 +2526,8 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"\rBLOCK_OP_TRIM\x10\x03\x12\x14\n" +
 	"\x10BLOCK_OP_EXTENTS\x10\x04\x12\x14\n" +
 	"\x10BLOCK_OP_CHANGED\x10\x05\x12\x13\n" +
-	"\x0fBLOCK_OP_COPYUP\x10\x062\xe5\t\n" +
+	"\x0fBLOCK_OP_COPYUP\x10\x062\xaa\n" +
+	"\n" +
 	"\fBlockService\x12C\n" +
 	"\bClientOp\x12\x1a.basalt.v1.ClientOpRequest\x1a\x1b.basalt.v1.ClientOpResponse\x12F\n" +
 	"\tReplicate\x12\x1b.basalt.v1.ReplicateRequest\x1a\x1c.basalt.v1.ReplicateResponse\x127\n" +
@@ -2442,7 +2547,8 @@ const file_basalt_v1_blockd_proto_rawDesc = "" +
 	"VolumeOpen\x12\x1c.basalt.v1.VolumeOpenRequest\x1a\x1d.basalt.v1.VolumeOpenResponse\x12a\n" +
 	"\x12RevertToCheckpoint\x12$.basalt.v1.RevertToCheckpointRequest\x1a%.basalt.v1.RevertToCheckpointResponse\x12O\n" +
 	"\fFlattenClone\x12\x1e.basalt.v1.FlattenCloneRequest\x1a\x1f.basalt.v1.FlattenCloneResponse\x12F\n" +
-	"\tCopyRange\x12\x1b.basalt.v1.CopyRangeRequest\x1a\x1c.basalt.v1.CopyRangeResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
+	"\tCopyRange\x12\x1b.basalt.v1.CopyRangeRequest\x1a\x1c.basalt.v1.CopyRangeResponse\x12C\n" +
+	"\bSyncView\x12\x1a.basalt.v1.SyncViewRequest\x1a\x1b.basalt.v1.SyncViewResponseB6Z4github.com/basalt-hv/basalt/proto/basalt/v1;basaltv1b\x06proto3"
 
 var (
 	file_basalt_v1_blockd_proto_rawDescOnce sync.Once
@@ -2457,7 +2563,7 @@ func file_basalt_v1_blockd_proto_rawDescGZIP() []byte {
 }
 
 var file_basalt_v1_blockd_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_basalt_v1_blockd_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_basalt_v1_blockd_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_basalt_v1_blockd_proto_goTypes = []any{
 	(BlockOp)(0),                       // 0: basalt.v1.BlockOp
 	(*FlattenCloneRequest)(nil),        // 1: basalt.v1.FlattenCloneRequest
@@ -2498,6 +2604,8 @@ var file_basalt_v1_blockd_proto_goTypes = []any{
 	(*ReadObjectResponse)(nil),         // 36: basalt.v1.ReadObjectResponse
 	(*PushObjectRequest)(nil),          // 37: basalt.v1.PushObjectRequest
 	(*PushObjectResponse)(nil),         // 38: basalt.v1.PushObjectResponse
+	(*SyncViewRequest)(nil),            // 39: basalt.v1.SyncViewRequest
+	(*SyncViewResponse)(nil),           // 40: basalt.v1.SyncViewResponse
 }
 var file_basalt_v1_blockd_proto_depIdxs = []int32{
 	7,  // 0: basalt.v1.PrepareCheckpointRequest.checkpoints:type_name -> basalt.v1.VolumeCheckpointRef
@@ -2532,24 +2640,26 @@ var file_basalt_v1_blockd_proto_depIdxs = []int32{
 	5,  // 29: basalt.v1.BlockService.RevertToCheckpoint:input_type -> basalt.v1.RevertToCheckpointRequest
 	1,  // 30: basalt.v1.BlockService.FlattenClone:input_type -> basalt.v1.FlattenCloneRequest
 	3,  // 31: basalt.v1.BlockService.CopyRange:input_type -> basalt.v1.CopyRangeRequest
-	27, // 32: basalt.v1.BlockService.ClientOp:output_type -> basalt.v1.ClientOpResponse
-	29, // 33: basalt.v1.BlockService.Replicate:output_type -> basalt.v1.ReplicateResponse
-	31, // 34: basalt.v1.BlockService.Sync:output_type -> basalt.v1.SyncResponse
-	34, // 35: basalt.v1.BlockService.PGObjects:output_type -> basalt.v1.PGObjectsResponse
-	36, // 36: basalt.v1.BlockService.ReadObject:output_type -> basalt.v1.ReadObjectResponse
-	38, // 37: basalt.v1.BlockService.PushObject:output_type -> basalt.v1.PushObjectResponse
-	22, // 38: basalt.v1.BlockService.Scrub:output_type -> basalt.v1.ScrubResponse
-	20, // 39: basalt.v1.BlockService.HasData:output_type -> basalt.v1.HasDataResponse
-	9,  // 40: basalt.v1.BlockService.PrepareCheckpoint:output_type -> basalt.v1.PrepareCheckpointResponse
-	11, // 41: basalt.v1.BlockService.ReleaseCheckpoint:output_type -> basalt.v1.ReleaseCheckpointResponse
-	14, // 42: basalt.v1.BlockService.CheckpointUsage:output_type -> basalt.v1.CheckpointUsageResponse
-	16, // 43: basalt.v1.BlockService.VolumeChanged:output_type -> basalt.v1.VolumeChangedResponse
-	18, // 44: basalt.v1.BlockService.VolumeOpen:output_type -> basalt.v1.VolumeOpenResponse
-	6,  // 45: basalt.v1.BlockService.RevertToCheckpoint:output_type -> basalt.v1.RevertToCheckpointResponse
-	2,  // 46: basalt.v1.BlockService.FlattenClone:output_type -> basalt.v1.FlattenCloneResponse
-	4,  // 47: basalt.v1.BlockService.CopyRange:output_type -> basalt.v1.CopyRangeResponse
-	32, // [32:48] is the sub-list for method output_type
-	16, // [16:32] is the sub-list for method input_type
+	39, // 32: basalt.v1.BlockService.SyncView:input_type -> basalt.v1.SyncViewRequest
+	27, // 33: basalt.v1.BlockService.ClientOp:output_type -> basalt.v1.ClientOpResponse
+	29, // 34: basalt.v1.BlockService.Replicate:output_type -> basalt.v1.ReplicateResponse
+	31, // 35: basalt.v1.BlockService.Sync:output_type -> basalt.v1.SyncResponse
+	34, // 36: basalt.v1.BlockService.PGObjects:output_type -> basalt.v1.PGObjectsResponse
+	36, // 37: basalt.v1.BlockService.ReadObject:output_type -> basalt.v1.ReadObjectResponse
+	38, // 38: basalt.v1.BlockService.PushObject:output_type -> basalt.v1.PushObjectResponse
+	22, // 39: basalt.v1.BlockService.Scrub:output_type -> basalt.v1.ScrubResponse
+	20, // 40: basalt.v1.BlockService.HasData:output_type -> basalt.v1.HasDataResponse
+	9,  // 41: basalt.v1.BlockService.PrepareCheckpoint:output_type -> basalt.v1.PrepareCheckpointResponse
+	11, // 42: basalt.v1.BlockService.ReleaseCheckpoint:output_type -> basalt.v1.ReleaseCheckpointResponse
+	14, // 43: basalt.v1.BlockService.CheckpointUsage:output_type -> basalt.v1.CheckpointUsageResponse
+	16, // 44: basalt.v1.BlockService.VolumeChanged:output_type -> basalt.v1.VolumeChangedResponse
+	18, // 45: basalt.v1.BlockService.VolumeOpen:output_type -> basalt.v1.VolumeOpenResponse
+	6,  // 46: basalt.v1.BlockService.RevertToCheckpoint:output_type -> basalt.v1.RevertToCheckpointResponse
+	2,  // 47: basalt.v1.BlockService.FlattenClone:output_type -> basalt.v1.FlattenCloneResponse
+	4,  // 48: basalt.v1.BlockService.CopyRange:output_type -> basalt.v1.CopyRangeResponse
+	40, // 49: basalt.v1.BlockService.SyncView:output_type -> basalt.v1.SyncViewResponse
+	33, // [33:50] is the sub-list for method output_type
+	16, // [16:33] is the sub-list for method input_type
 	16, // [16:16] is the sub-list for extension type_name
 	16, // [16:16] is the sub-list for extension extendee
 	0,  // [0:16] is the sub-list for field type_name
@@ -2566,7 +2676,7 @@ func file_basalt_v1_blockd_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_blockd_proto_rawDesc), len(file_basalt_v1_blockd_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   38,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -35,6 +35,7 @@ const (
 	BlockService_RevertToCheckpoint_FullMethodName = "/basalt.v1.BlockService/RevertToCheckpoint"
 	BlockService_FlattenClone_FullMethodName       = "/basalt.v1.BlockService/FlattenClone"
 	BlockService_CopyRange_FullMethodName          = "/basalt.v1.BlockService/CopyRange"
+	BlockService_SyncView_FullMethodName           = "/basalt.v1.BlockService/SyncView"
 )
 
 // BlockServiceClient is the client API for BlockService service.
@@ -83,6 +84,9 @@ type BlockServiceClient interface {
 	FlattenClone(ctx context.Context, in *FlattenCloneRequest, opts ...grpc.CallOption) (*FlattenCloneResponse, error)
 	// CopyRange copies a range of one volume (or checkpoint) onto another, through this node's gateway.
 	CopyRange(ctx context.Context, in *CopyRangeRequest, opts ...grpc.CallOption) (*CopyRangeResponse, error)
+	// Waits until this node's view of the cluster has caught up with etcd revision `revision`: after a fence,
+	// no primary accepts a write from the fenced generation once every up blockd answered.
+	SyncView(ctx context.Context, in *SyncViewRequest, opts ...grpc.CallOption) (*SyncViewResponse, error)
 }
 
 type blockServiceClient struct {
@@ -253,6 +257,16 @@ func (c *blockServiceClient) CopyRange(ctx context.Context, in *CopyRangeRequest
 	return out, nil
 }
 
+func (c *blockServiceClient) SyncView(ctx context.Context, in *SyncViewRequest, opts ...grpc.CallOption) (*SyncViewResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SyncViewResponse)
+	err := c.cc.Invoke(ctx, BlockService_SyncView_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BlockServiceServer is the server API for BlockService service.
 // All implementations must embed UnimplementedBlockServiceServer
 // for forward compatibility.
@@ -299,6 +313,9 @@ type BlockServiceServer interface {
 	FlattenClone(context.Context, *FlattenCloneRequest) (*FlattenCloneResponse, error)
 	// CopyRange copies a range of one volume (or checkpoint) onto another, through this node's gateway.
 	CopyRange(context.Context, *CopyRangeRequest) (*CopyRangeResponse, error)
+	// Waits until this node's view of the cluster has caught up with etcd revision `revision`: after a fence,
+	// no primary accepts a write from the fenced generation once every up blockd answered.
+	SyncView(context.Context, *SyncViewRequest) (*SyncViewResponse, error)
 	mustEmbedUnimplementedBlockServiceServer()
 }
 
@@ -356,6 +373,9 @@ func (UnimplementedBlockServiceServer) FlattenClone(context.Context, *FlattenClo
 }
 func (UnimplementedBlockServiceServer) CopyRange(context.Context, *CopyRangeRequest) (*CopyRangeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CopyRange not implemented")
+}
+func (UnimplementedBlockServiceServer) SyncView(context.Context, *SyncViewRequest) (*SyncViewResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SyncView not implemented")
 }
 func (UnimplementedBlockServiceServer) mustEmbedUnimplementedBlockServiceServer() {}
 func (UnimplementedBlockServiceServer) testEmbeddedByValue()                      {}
@@ -666,6 +686,24 @@ func _BlockService_CopyRange_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BlockService_SyncView_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SyncViewRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BlockServiceServer).SyncView(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BlockService_SyncView_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BlockServiceServer).SyncView(ctx, req.(*SyncViewRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // BlockService_ServiceDesc is the grpc.ServiceDesc for BlockService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -736,6 +774,10 @@ var BlockService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CopyRange",
 			Handler:    _BlockService_CopyRange_Handler,
+		},
+		{
+			MethodName: "SyncView",
+			Handler:    _BlockService_SyncView_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

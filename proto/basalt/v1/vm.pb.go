@@ -9,6 +9,7 @@ package basaltv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	fieldmaskpb "google.golang.org/protobuf/types/known/fieldmaskpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -79,6 +80,64 @@ func (Firmware) EnumDescriptor() ([]byte, []int) {
 	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{0}
 }
 
+// VMPriority orders HA restarts after a host failure: high before medium before low. NO_AUTO_START VMs are
+// not restarted elsewhere (they are left stopped, and say why).
+type VMPriority int32
+
+const (
+	// Medium.
+	VMPriority_VM_PRIORITY_UNSPECIFIED   VMPriority = 0
+	VMPriority_VM_PRIORITY_HIGH          VMPriority = 1
+	VMPriority_VM_PRIORITY_MEDIUM        VMPriority = 2
+	VMPriority_VM_PRIORITY_LOW           VMPriority = 3
+	VMPriority_VM_PRIORITY_NO_AUTO_START VMPriority = 4
+)
+
+// Enum value maps for VMPriority.
+var (
+	VMPriority_name = map[int32]string{
+		0: "VM_PRIORITY_UNSPECIFIED",
+		1: "VM_PRIORITY_HIGH",
+		2: "VM_PRIORITY_MEDIUM",
+		3: "VM_PRIORITY_LOW",
+		4: "VM_PRIORITY_NO_AUTO_START",
+	}
+	VMPriority_value = map[string]int32{
+		"VM_PRIORITY_UNSPECIFIED":   0,
+		"VM_PRIORITY_HIGH":          1,
+		"VM_PRIORITY_MEDIUM":        2,
+		"VM_PRIORITY_LOW":           3,
+		"VM_PRIORITY_NO_AUTO_START": 4,
+	}
+)
+
+func (x VMPriority) Enum() *VMPriority {
+	p := new(VMPriority)
+	*p = x
+	return p
+}
+
+func (x VMPriority) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (VMPriority) Descriptor() protoreflect.EnumDescriptor {
+	return file_basalt_v1_vm_proto_enumTypes[1].Descriptor()
+}
+
+func (VMPriority) Type() protoreflect.EnumType {
+	return &file_basalt_v1_vm_proto_enumTypes[1]
+}
+
+func (x VMPriority) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use VMPriority.Descriptor instead.
+func (VMPriority) EnumDescriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{1}
+}
+
 type VMState int32
 
 const (
@@ -128,11 +187,11 @@ func (x VMState) String() string {
 }
 
 func (VMState) Descriptor() protoreflect.EnumDescriptor {
-	return file_basalt_v1_vm_proto_enumTypes[1].Descriptor()
+	return file_basalt_v1_vm_proto_enumTypes[2].Descriptor()
 }
 
 func (VMState) Type() protoreflect.EnumType {
-	return &file_basalt_v1_vm_proto_enumTypes[1]
+	return &file_basalt_v1_vm_proto_enumTypes[2]
 }
 
 func (x VMState) Number() protoreflect.EnumNumber {
@@ -141,7 +200,7 @@ func (x VMState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use VMState.Descriptor instead.
 func (VMState) EnumDescriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{1}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{2}
 }
 
 type VMMemory struct {
@@ -318,8 +377,11 @@ type VMPlacement struct {
 	PreferredHosts []string `protobuf:"bytes,1,rep,name=preferred_hosts,json=preferredHosts,proto3" json:"preferred_hosts,omitempty"`
 	// The only hosts the VM may run on; empty: any.
 	PossibleHosts []string `protobuf:"bytes,2,rep,name=possible_hosts,json=possibleHosts,proto3" json:"possible_hosts,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// VMs of one anti-affinity group are kept on different hosts when there is room, and spread as evenly as
+	// possible when there is not.
+	AntiAffinityGroup string `protobuf:"bytes,3,opt,name=anti_affinity_group,json=antiAffinityGroup,proto3" json:"anti_affinity_group,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *VMPlacement) Reset() {
@@ -366,6 +428,77 @@ func (x *VMPlacement) GetPossibleHosts() []string {
 	return nil
 }
 
+func (x *VMPlacement) GetAntiAffinityGroup() string {
+	if x != nil {
+		return x.AntiAffinityGroup
+	}
+	return ""
+}
+
+// VMMonitoring watches the guest agent's heartbeat (docs/ha.md). A guest that has not beaten for
+// timeout_seconds is reset; after max_resets resets within an hour the VM is moved to another host.
+type VMMonitoring struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Heartbeat bool                   `protobuf:"varint,1,opt,name=heartbeat,proto3" json:"heartbeat,omitempty"`
+	// 0: 10 s.
+	TimeoutSeconds uint32 `protobuf:"varint,2,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"`
+	// 0: 3.
+	MaxResets     uint32 `protobuf:"varint,3,opt,name=max_resets,json=maxResets,proto3" json:"max_resets,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VMMonitoring) Reset() {
+	*x = VMMonitoring{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMMonitoring) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMMonitoring) ProtoMessage() {}
+
+func (x *VMMonitoring) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMMonitoring.ProtoReflect.Descriptor instead.
+func (*VMMonitoring) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *VMMonitoring) GetHeartbeat() bool {
+	if x != nil {
+		return x.Heartbeat
+	}
+	return false
+}
+
+func (x *VMMonitoring) GetTimeoutSeconds() uint32 {
+	if x != nil {
+		return x.TimeoutSeconds
+	}
+	return 0
+}
+
+func (x *VMMonitoring) GetMaxResets() uint32 {
+	if x != nil {
+		return x.MaxResets
+	}
+	return 0
+}
+
 type VMSpec struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Vcpus    uint32                 `protobuf:"varint,1,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
@@ -374,17 +507,19 @@ type VMSpec struct {
 	Nics     []*VMNic               `protobuf:"bytes,4,rep,name=nics,proto3" json:"nics,omitempty"`
 	Firmware Firmware               `protobuf:"varint,5,opt,name=firmware,proto3,enum=basalt.v1.Firmware" json:"firmware,omitempty"`
 	// Direct kernel boot: paths on the host (the same on every host the VM may run on).
-	Kernel        string       `protobuf:"bytes,6,opt,name=kernel,proto3" json:"kernel,omitempty"`
-	Initrd        string       `protobuf:"bytes,7,opt,name=initrd,proto3" json:"initrd,omitempty"`
-	Cmdline       string       `protobuf:"bytes,8,opt,name=cmdline,proto3" json:"cmdline,omitempty"`
-	Placement     *VMPlacement `protobuf:"bytes,9,opt,name=placement,proto3" json:"placement,omitempty"`
+	Kernel        string        `protobuf:"bytes,6,opt,name=kernel,proto3" json:"kernel,omitempty"`
+	Initrd        string        `protobuf:"bytes,7,opt,name=initrd,proto3" json:"initrd,omitempty"`
+	Cmdline       string        `protobuf:"bytes,8,opt,name=cmdline,proto3" json:"cmdline,omitempty"`
+	Placement     *VMPlacement  `protobuf:"bytes,9,opt,name=placement,proto3" json:"placement,omitempty"`
+	Priority      VMPriority    `protobuf:"varint,10,opt,name=priority,proto3,enum=basalt.v1.VMPriority" json:"priority,omitempty"`
+	Monitoring    *VMMonitoring `protobuf:"bytes,11,opt,name=monitoring,proto3" json:"monitoring,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VMSpec) Reset() {
 	*x = VMSpec{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[4]
+	mi := &file_basalt_v1_vm_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -396,7 +531,7 @@ func (x *VMSpec) String() string {
 func (*VMSpec) ProtoMessage() {}
 
 func (x *VMSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[4]
+	mi := &file_basalt_v1_vm_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -409,7 +544,7 @@ func (x *VMSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMSpec.ProtoReflect.Descriptor instead.
 func (*VMSpec) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{4}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *VMSpec) GetVcpus() uint32 {
@@ -475,6 +610,20 @@ func (x *VMSpec) GetPlacement() *VMPlacement {
 	return nil
 }
 
+func (x *VMSpec) GetPriority() VMPriority {
+	if x != nil {
+		return x.Priority
+	}
+	return VMPriority_VM_PRIORITY_UNSPECIFIED
+}
+
+func (x *VMSpec) GetMonitoring() *VMMonitoring {
+	if x != nil {
+		return x.Monitoring
+	}
+	return nil
+}
+
 // VMStop is a stop in effect: the guest was asked to power off at requested_at and is forced off after
 // timeout_seconds (at once with force).
 type VMStop struct {
@@ -488,7 +637,7 @@ type VMStop struct {
 
 func (x *VMStop) Reset() {
 	*x = VMStop{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[5]
+	mi := &file_basalt_v1_vm_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -500,7 +649,7 @@ func (x *VMStop) String() string {
 func (*VMStop) ProtoMessage() {}
 
 func (x *VMStop) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[5]
+	mi := &file_basalt_v1_vm_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -513,7 +662,7 @@ func (x *VMStop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMStop.ProtoReflect.Descriptor instead.
 func (*VMStop) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{5}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *VMStop) GetRequestedAt() *timestamppb.Timestamp {
@@ -561,7 +710,7 @@ type VMMigration struct {
 
 func (x *VMMigration) Reset() {
 	*x = VMMigration{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[6]
+	mi := &file_basalt_v1_vm_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -573,7 +722,7 @@ func (x *VMMigration) String() string {
 func (*VMMigration) ProtoMessage() {}
 
 func (x *VMMigration) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[6]
+	mi := &file_basalt_v1_vm_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -586,7 +735,7 @@ func (x *VMMigration) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMMigration.ProtoReflect.Descriptor instead.
 func (*VMMigration) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{6}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *VMMigration) GetId() string {
@@ -676,7 +825,7 @@ type MigrationProgress struct {
 
 func (x *MigrationProgress) Reset() {
 	*x = MigrationProgress{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[7]
+	mi := &file_basalt_v1_vm_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -688,7 +837,7 @@ func (x *MigrationProgress) String() string {
 func (*MigrationProgress) ProtoMessage() {}
 
 func (x *MigrationProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[7]
+	mi := &file_basalt_v1_vm_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -701,7 +850,7 @@ func (x *MigrationProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MigrationProgress.ProtoReflect.Descriptor instead.
 func (*MigrationProgress) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{7}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *MigrationProgress) GetId() string {
@@ -819,13 +968,22 @@ type VMStatus struct {
 	ObservedGeneration uint64                 `protobuf:"varint,13,opt,name=observed_generation,json=observedGeneration,proto3" json:"observed_generation,omitempty"`
 	StartedAt          *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
 	UpdatedAt          *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// The guest agent's last heartbeat in this run (monitoring), its sequence number, and the resets VM
+	// monitoring made in the last hour.
+	LastHeartbeat *timestamppb.Timestamp   `protobuf:"bytes,16,opt,name=last_heartbeat,json=lastHeartbeat,proto3" json:"last_heartbeat,omitempty"`
+	HeartbeatSeq  uint64                   `protobuf:"varint,17,opt,name=heartbeat_seq,json=heartbeatSeq,proto3" json:"heartbeat_seq,omitempty"`
+	MonitorResets []*timestamppb.Timestamp `protobuf:"bytes,18,rep,name=monitor_resets,json=monitorResets,proto3" json:"monitor_resets,omitempty"`
+	// Monitoring gave up on this host after too many resets: the HA controller moves the VM.
+	MonitorGaveUp bool `protobuf:"varint,19,opt,name=monitor_gave_up,json=monitorGaveUp,proto3" json:"monitor_gave_up,omitempty"`
+	// The attachment generation of each disk, as opened by this run (volume → generation).
+	AttachGenerations map[string]uint64 `protobuf:"bytes,20,rep,name=attach_generations,json=attachGenerations,proto3" json:"attach_generations,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *VMStatus) Reset() {
 	*x = VMStatus{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[8]
+	mi := &file_basalt_v1_vm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -837,7 +995,7 @@ func (x *VMStatus) String() string {
 func (*VMStatus) ProtoMessage() {}
 
 func (x *VMStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[8]
+	mi := &file_basalt_v1_vm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -850,7 +1008,7 @@ func (x *VMStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMStatus.ProtoReflect.Descriptor instead.
 func (*VMStatus) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{8}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *VMStatus) GetName() string {
@@ -958,6 +1116,138 @@ func (x *VMStatus) GetUpdatedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *VMStatus) GetLastHeartbeat() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastHeartbeat
+	}
+	return nil
+}
+
+func (x *VMStatus) GetHeartbeatSeq() uint64 {
+	if x != nil {
+		return x.HeartbeatSeq
+	}
+	return 0
+}
+
+func (x *VMStatus) GetMonitorResets() []*timestamppb.Timestamp {
+	if x != nil {
+		return x.MonitorResets
+	}
+	return nil
+}
+
+func (x *VMStatus) GetMonitorGaveUp() bool {
+	if x != nil {
+		return x.MonitorGaveUp
+	}
+	return false
+}
+
+func (x *VMStatus) GetAttachGenerations() map[string]uint64 {
+	if x != nil {
+		return x.AttachGenerations
+	}
+	return nil
+}
+
+// VMFailover is the HA controller's record of the last time it restarted the VM elsewhere (docs/ha.md).
+type VMFailover struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The host that failed, and why the VM was moved ("host down", "monitoring gave up").
+	FromHost string `protobuf:"bytes,1,opt,name=from_host,json=fromHost,proto3" json:"from_host,omitempty"`
+	Reason   string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The HA leader saw the host's lease gone (or monitoring give up).
+	DetectedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=detected_at,json=detectedAt,proto3" json:"detected_at,omitempty"`
+	// Every volume of the VM had its attachment generation bumped and every up blockd had seen it.
+	FencedAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=fenced_at,json=fencedAt,proto3" json:"fenced_at,omitempty"`
+	// The VM was assigned to its new host (empty host: no room; last_error says why).
+	PlacedAt      *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=placed_at,json=placedAt,proto3" json:"placed_at,omitempty"`
+	ToHost        string                 `protobuf:"bytes,6,opt,name=to_host,json=toHost,proto3" json:"to_host,omitempty"`
+	Error         string                 `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VMFailover) Reset() {
+	*x = VMFailover{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMFailover) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMFailover) ProtoMessage() {}
+
+func (x *VMFailover) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMFailover.ProtoReflect.Descriptor instead.
+func (*VMFailover) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *VMFailover) GetFromHost() string {
+	if x != nil {
+		return x.FromHost
+	}
+	return ""
+}
+
+func (x *VMFailover) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *VMFailover) GetDetectedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DetectedAt
+	}
+	return nil
+}
+
+func (x *VMFailover) GetFencedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FencedAt
+	}
+	return nil
+}
+
+func (x *VMFailover) GetPlacedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PlacedAt
+	}
+	return nil
+}
+
+func (x *VMFailover) GetToHost() string {
+	if x != nil {
+		return x.ToHost
+	}
+	return ""
+}
+
+func (x *VMFailover) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 type VM struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -982,14 +1272,16 @@ type VM struct {
 	// Counts changes to the declaration (output only).
 	Generation uint64 `protobuf:"varint,12,opt,name=generation,proto3" json:"generation,omitempty"`
 	// For a clone: the checkpoint its volumes were cloned from (the source VM's name and the checkpoint).
-	ClonedFrom    string `protobuf:"bytes,13,opt,name=cloned_from,json=clonedFrom,proto3" json:"cloned_from,omitempty"`
+	ClonedFrom string `protobuf:"bytes,13,opt,name=cloned_from,json=clonedFrom,proto3" json:"cloned_from,omitempty"`
+	// Set by the HA controller when it moved the VM off a failed host.
+	Failover      *VMFailover `protobuf:"bytes,14,opt,name=failover,proto3" json:"failover,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VM) Reset() {
 	*x = VM{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[9]
+	mi := &file_basalt_v1_vm_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1001,7 +1293,7 @@ func (x *VM) String() string {
 func (*VM) ProtoMessage() {}
 
 func (x *VM) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[9]
+	mi := &file_basalt_v1_vm_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1014,7 +1306,7 @@ func (x *VM) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VM.ProtoReflect.Descriptor instead.
 func (*VM) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{9}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *VM) GetName() string {
@@ -1108,6 +1400,13 @@ func (x *VM) GetClonedFrom() string {
 	return ""
 }
 
+func (x *VM) GetFailover() *VMFailover {
+	if x != nil {
+		return x.Failover
+	}
+	return nil
+}
+
 type CreateVMRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1120,7 +1419,7 @@ type CreateVMRequest struct {
 
 func (x *CreateVMRequest) Reset() {
 	*x = CreateVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[10]
+	mi := &file_basalt_v1_vm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1132,7 +1431,7 @@ func (x *CreateVMRequest) String() string {
 func (*CreateVMRequest) ProtoMessage() {}
 
 func (x *CreateVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[10]
+	mi := &file_basalt_v1_vm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1145,7 +1444,7 @@ func (x *CreateVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVMRequest.ProtoReflect.Descriptor instead.
 func (*CreateVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{10}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CreateVMRequest) GetName() string {
@@ -1178,7 +1477,7 @@ type GetVMRequest struct {
 
 func (x *GetVMRequest) Reset() {
 	*x = GetVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[11]
+	mi := &file_basalt_v1_vm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1190,7 +1489,7 @@ func (x *GetVMRequest) String() string {
 func (*GetVMRequest) ProtoMessage() {}
 
 func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[11]
+	mi := &file_basalt_v1_vm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1203,7 +1502,7 @@ func (x *GetVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVMRequest.ProtoReflect.Descriptor instead.
 func (*GetVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{11}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetVMRequest) GetName() string {
@@ -1223,7 +1522,7 @@ type ListVMsRequest struct {
 
 func (x *ListVMsRequest) Reset() {
 	*x = ListVMsRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[12]
+	mi := &file_basalt_v1_vm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1235,7 +1534,7 @@ func (x *ListVMsRequest) String() string {
 func (*ListVMsRequest) ProtoMessage() {}
 
 func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[12]
+	mi := &file_basalt_v1_vm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1248,7 +1547,7 @@ func (x *ListVMsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsRequest.ProtoReflect.Descriptor instead.
 func (*ListVMsRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{12}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListVMsRequest) GetHost() string {
@@ -1267,7 +1566,7 @@ type ListVMsResponse struct {
 
 func (x *ListVMsResponse) Reset() {
 	*x = ListVMsResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[13]
+	mi := &file_basalt_v1_vm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1279,7 +1578,7 @@ func (x *ListVMsResponse) String() string {
 func (*ListVMsResponse) ProtoMessage() {}
 
 func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[13]
+	mi := &file_basalt_v1_vm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1292,7 +1591,7 @@ func (x *ListVMsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVMsResponse.ProtoReflect.Descriptor instead.
 func (*ListVMsResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{13}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListVMsResponse) GetVms() []*VM {
@@ -1313,7 +1612,7 @@ type DeleteVMRequest struct {
 
 func (x *DeleteVMRequest) Reset() {
 	*x = DeleteVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[14]
+	mi := &file_basalt_v1_vm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1325,7 +1624,7 @@ func (x *DeleteVMRequest) String() string {
 func (*DeleteVMRequest) ProtoMessage() {}
 
 func (x *DeleteVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[14]
+	mi := &file_basalt_v1_vm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1338,7 +1637,7 @@ func (x *DeleteVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVMRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{14}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DeleteVMRequest) GetName() string {
@@ -1363,7 +1662,7 @@ type DeleteVMResponse struct {
 
 func (x *DeleteVMResponse) Reset() {
 	*x = DeleteVMResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[15]
+	mi := &file_basalt_v1_vm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1375,7 +1674,7 @@ func (x *DeleteVMResponse) String() string {
 func (*DeleteVMResponse) ProtoMessage() {}
 
 func (x *DeleteVMResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[15]
+	mi := &file_basalt_v1_vm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1388,7 +1687,7 @@ func (x *DeleteVMResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVMResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVMResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{15}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{17}
 }
 
 type StartVMRequest struct {
@@ -1402,7 +1701,7 @@ type StartVMRequest struct {
 
 func (x *StartVMRequest) Reset() {
 	*x = StartVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[16]
+	mi := &file_basalt_v1_vm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1414,7 +1713,7 @@ func (x *StartVMRequest) String() string {
 func (*StartVMRequest) ProtoMessage() {}
 
 func (x *StartVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[16]
+	mi := &file_basalt_v1_vm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1427,7 +1726,7 @@ func (x *StartVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartVMRequest.ProtoReflect.Descriptor instead.
 func (*StartVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{16}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *StartVMRequest) GetName() string {
@@ -1457,7 +1756,7 @@ type StopVMRequest struct {
 
 func (x *StopVMRequest) Reset() {
 	*x = StopVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[17]
+	mi := &file_basalt_v1_vm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1469,7 +1768,7 @@ func (x *StopVMRequest) String() string {
 func (*StopVMRequest) ProtoMessage() {}
 
 func (x *StopVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[17]
+	mi := &file_basalt_v1_vm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1482,7 +1781,7 @@ func (x *StopVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopVMRequest.ProtoReflect.Descriptor instead.
 func (*StopVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{17}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *StopVMRequest) GetName() string {
@@ -1515,7 +1814,7 @@ type KillVMRequest struct {
 
 func (x *KillVMRequest) Reset() {
 	*x = KillVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[18]
+	mi := &file_basalt_v1_vm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1527,7 +1826,7 @@ func (x *KillVMRequest) String() string {
 func (*KillVMRequest) ProtoMessage() {}
 
 func (x *KillVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[18]
+	mi := &file_basalt_v1_vm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1540,7 +1839,7 @@ func (x *KillVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillVMRequest.ProtoReflect.Descriptor instead.
 func (*KillVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{18}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *KillVMRequest) GetName() string {
@@ -1559,7 +1858,7 @@ type PauseVMRequest struct {
 
 func (x *PauseVMRequest) Reset() {
 	*x = PauseVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[19]
+	mi := &file_basalt_v1_vm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1571,7 +1870,7 @@ func (x *PauseVMRequest) String() string {
 func (*PauseVMRequest) ProtoMessage() {}
 
 func (x *PauseVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[19]
+	mi := &file_basalt_v1_vm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1584,7 +1883,7 @@ func (x *PauseVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseVMRequest.ProtoReflect.Descriptor instead.
 func (*PauseVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{19}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *PauseVMRequest) GetName() string {
@@ -1603,7 +1902,7 @@ type ResumeVMRequest struct {
 
 func (x *ResumeVMRequest) Reset() {
 	*x = ResumeVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[20]
+	mi := &file_basalt_v1_vm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1615,7 +1914,7 @@ func (x *ResumeVMRequest) String() string {
 func (*ResumeVMRequest) ProtoMessage() {}
 
 func (x *ResumeVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[20]
+	mi := &file_basalt_v1_vm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1628,7 +1927,7 @@ func (x *ResumeVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeVMRequest.ProtoReflect.Descriptor instead.
 func (*ResumeVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{20}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ResumeVMRequest) GetName() string {
@@ -1648,7 +1947,7 @@ type SetVMMemoryRequest struct {
 
 func (x *SetVMMemoryRequest) Reset() {
 	*x = SetVMMemoryRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[21]
+	mi := &file_basalt_v1_vm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1660,7 +1959,7 @@ func (x *SetVMMemoryRequest) String() string {
 func (*SetVMMemoryRequest) ProtoMessage() {}
 
 func (x *SetVMMemoryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[21]
+	mi := &file_basalt_v1_vm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1673,7 +1972,7 @@ func (x *SetVMMemoryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetVMMemoryRequest.ProtoReflect.Descriptor instead.
 func (*SetVMMemoryRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{21}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SetVMMemoryRequest) GetName() string {
@@ -1704,7 +2003,7 @@ type MigrateVMRequest struct {
 
 func (x *MigrateVMRequest) Reset() {
 	*x = MigrateVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[22]
+	mi := &file_basalt_v1_vm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1716,7 +2015,7 @@ func (x *MigrateVMRequest) String() string {
 func (*MigrateVMRequest) ProtoMessage() {}
 
 func (x *MigrateVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[22]
+	mi := &file_basalt_v1_vm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1729,7 +2028,7 @@ func (x *MigrateVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MigrateVMRequest.ProtoReflect.Descriptor instead.
 func (*MigrateVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{22}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *MigrateVMRequest) GetName() string {
@@ -1776,7 +2075,7 @@ type CancelMigrationRequest struct {
 
 func (x *CancelMigrationRequest) Reset() {
 	*x = CancelMigrationRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[23]
+	mi := &file_basalt_v1_vm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1788,7 +2087,7 @@ func (x *CancelMigrationRequest) String() string {
 func (*CancelMigrationRequest) ProtoMessage() {}
 
 func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[23]
+	mi := &file_basalt_v1_vm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1801,7 +2100,7 @@ func (x *CancelMigrationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMigrationRequest.ProtoReflect.Descriptor instead.
 func (*CancelMigrationRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{23}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CancelMigrationRequest) GetName() string {
@@ -1820,7 +2119,7 @@ type GetVMStatsRequest struct {
 
 func (x *GetVMStatsRequest) Reset() {
 	*x = GetVMStatsRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[24]
+	mi := &file_basalt_v1_vm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1832,7 +2131,7 @@ func (x *GetVMStatsRequest) String() string {
 func (*GetVMStatsRequest) ProtoMessage() {}
 
 func (x *GetVMStatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[24]
+	mi := &file_basalt_v1_vm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1845,7 +2144,7 @@ func (x *GetVMStatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetVMStatsRequest.ProtoReflect.Descriptor instead.
 func (*GetVMStatsRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{24}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetVMStatsRequest) GetName() string {
@@ -1871,7 +2170,7 @@ type DiskStats struct {
 
 func (x *DiskStats) Reset() {
 	*x = DiskStats{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[25]
+	mi := &file_basalt_v1_vm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1883,7 +2182,7 @@ func (x *DiskStats) String() string {
 func (*DiskStats) ProtoMessage() {}
 
 func (x *DiskStats) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[25]
+	mi := &file_basalt_v1_vm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1896,7 +2195,7 @@ func (x *DiskStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DiskStats.ProtoReflect.Descriptor instead.
 func (*DiskStats) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{25}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *DiskStats) GetVolume() string {
@@ -1968,7 +2267,7 @@ type VMStats struct {
 
 func (x *VMStats) Reset() {
 	*x = VMStats{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[26]
+	mi := &file_basalt_v1_vm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1980,7 +2279,7 @@ func (x *VMStats) String() string {
 func (*VMStats) ProtoMessage() {}
 
 func (x *VMStats) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[26]
+	mi := &file_basalt_v1_vm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1993,7 +2292,7 @@ func (x *VMStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMStats.ProtoReflect.Descriptor instead.
 func (*VMStats) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{26}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *VMStats) GetName() string {
@@ -2083,7 +2382,7 @@ type ConsoleInput struct {
 
 func (x *ConsoleInput) Reset() {
 	*x = ConsoleInput{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[27]
+	mi := &file_basalt_v1_vm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2095,7 +2394,7 @@ func (x *ConsoleInput) String() string {
 func (*ConsoleInput) ProtoMessage() {}
 
 func (x *ConsoleInput) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[27]
+	mi := &file_basalt_v1_vm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2108,7 +2407,7 @@ func (x *ConsoleInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsoleInput.ProtoReflect.Descriptor instead.
 func (*ConsoleInput) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{27}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ConsoleInput) GetName() string {
@@ -2175,7 +2474,7 @@ type ConsoleOutput struct {
 
 func (x *ConsoleOutput) Reset() {
 	*x = ConsoleOutput{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[28]
+	mi := &file_basalt_v1_vm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2187,7 +2486,7 @@ func (x *ConsoleOutput) String() string {
 func (*ConsoleOutput) ProtoMessage() {}
 
 func (x *ConsoleOutput) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[28]
+	mi := &file_basalt_v1_vm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2200,7 +2499,7 @@ func (x *ConsoleOutput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsoleOutput.ProtoReflect.Descriptor instead.
 func (*ConsoleOutput) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{28}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ConsoleOutput) GetData() []byte {
@@ -2246,7 +2545,7 @@ type CloneVMRequest struct {
 
 func (x *CloneVMRequest) Reset() {
 	*x = CloneVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[29]
+	mi := &file_basalt_v1_vm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2258,7 +2557,7 @@ func (x *CloneVMRequest) String() string {
 func (*CloneVMRequest) ProtoMessage() {}
 
 func (x *CloneVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[29]
+	mi := &file_basalt_v1_vm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2271,7 +2570,7 @@ func (x *CloneVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloneVMRequest.ProtoReflect.Descriptor instead.
 func (*CloneVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{29}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CloneVMRequest) GetSource() string {
@@ -2323,7 +2622,7 @@ type ComputeHost struct {
 
 func (x *ComputeHost) Reset() {
 	*x = ComputeHost{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[30]
+	mi := &file_basalt_v1_vm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2335,7 +2634,7 @@ func (x *ComputeHost) String() string {
 func (*ComputeHost) ProtoMessage() {}
 
 func (x *ComputeHost) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[30]
+	mi := &file_basalt_v1_vm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2348,7 +2647,7 @@ func (x *ComputeHost) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ComputeHost.ProtoReflect.Descriptor instead.
 func (*ComputeHost) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{30}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ComputeHost) GetNode() string {
@@ -2423,7 +2722,7 @@ type HostMaintenance struct {
 
 func (x *HostMaintenance) Reset() {
 	*x = HostMaintenance{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[31]
+	mi := &file_basalt_v1_vm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2435,7 +2734,7 @@ func (x *HostMaintenance) String() string {
 func (*HostMaintenance) ProtoMessage() {}
 
 func (x *HostMaintenance) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[31]
+	mi := &file_basalt_v1_vm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2448,7 +2747,7 @@ func (x *HostMaintenance) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HostMaintenance.ProtoReflect.Descriptor instead.
 func (*HostMaintenance) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{31}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *HostMaintenance) GetNode() string {
@@ -2511,7 +2810,7 @@ type ComputeHostStatus struct {
 
 func (x *ComputeHostStatus) Reset() {
 	*x = ComputeHostStatus{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[32]
+	mi := &file_basalt_v1_vm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2523,7 +2822,7 @@ func (x *ComputeHostStatus) String() string {
 func (*ComputeHostStatus) ProtoMessage() {}
 
 func (x *ComputeHostStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[32]
+	mi := &file_basalt_v1_vm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2536,7 +2835,7 @@ func (x *ComputeHostStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ComputeHostStatus.ProtoReflect.Descriptor instead.
 func (*ComputeHostStatus) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{32}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ComputeHostStatus) GetHost() *ComputeHost {
@@ -2581,6 +2880,67 @@ func (x *ComputeHostStatus) GetMigrating() []string {
 	return nil
 }
 
+type UpdateVMRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The new values of the fields update_mask names.
+	Spec          *VMSpec                `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,3,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateVMRequest) Reset() {
+	*x = UpdateVMRequest{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateVMRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateVMRequest) ProtoMessage() {}
+
+func (x *UpdateVMRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateVMRequest.ProtoReflect.Descriptor instead.
+func (*UpdateVMRequest) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *UpdateVMRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UpdateVMRequest) GetSpec() *VMSpec {
+	if x != nil {
+		return x.Spec
+	}
+	return nil
+}
+
+func (x *UpdateVMRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
+	}
+	return nil
+}
+
 type ListHostsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -2589,7 +2949,7 @@ type ListHostsRequest struct {
 
 func (x *ListHostsRequest) Reset() {
 	*x = ListHostsRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[33]
+	mi := &file_basalt_v1_vm_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2601,7 +2961,7 @@ func (x *ListHostsRequest) String() string {
 func (*ListHostsRequest) ProtoMessage() {}
 
 func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[33]
+	mi := &file_basalt_v1_vm_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2614,7 +2974,7 @@ func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHostsRequest.ProtoReflect.Descriptor instead.
 func (*ListHostsRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{33}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{36}
 }
 
 type ListHostsResponse struct {
@@ -2626,7 +2986,7 @@ type ListHostsResponse struct {
 
 func (x *ListHostsResponse) Reset() {
 	*x = ListHostsResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[34]
+	mi := &file_basalt_v1_vm_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2638,7 +2998,7 @@ func (x *ListHostsResponse) String() string {
 func (*ListHostsResponse) ProtoMessage() {}
 
 func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[34]
+	mi := &file_basalt_v1_vm_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2651,7 +3011,7 @@ func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHostsResponse.ProtoReflect.Descriptor instead.
 func (*ListHostsResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{34}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ListHostsResponse) GetHosts() []*ComputeHostStatus {
@@ -2674,7 +3034,7 @@ type DrainHostRequest struct {
 
 func (x *DrainHostRequest) Reset() {
 	*x = DrainHostRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[35]
+	mi := &file_basalt_v1_vm_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2686,7 +3046,7 @@ func (x *DrainHostRequest) String() string {
 func (*DrainHostRequest) ProtoMessage() {}
 
 func (x *DrainHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[35]
+	mi := &file_basalt_v1_vm_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2699,7 +3059,7 @@ func (x *DrainHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainHostRequest.ProtoReflect.Descriptor instead.
 func (*DrainHostRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{35}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *DrainHostRequest) GetHost() string {
@@ -2743,7 +3103,7 @@ type DrainHostResponse struct {
 
 func (x *DrainHostResponse) Reset() {
 	*x = DrainHostResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[36]
+	mi := &file_basalt_v1_vm_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2755,7 +3115,7 @@ func (x *DrainHostResponse) String() string {
 func (*DrainHostResponse) ProtoMessage() {}
 
 func (x *DrainHostResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[36]
+	mi := &file_basalt_v1_vm_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2768,7 +3128,7 @@ func (x *DrainHostResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainHostResponse.ProtoReflect.Descriptor instead.
 func (*DrainHostResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{36}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *DrainHostResponse) GetHost() *ComputeHostStatus {
@@ -2801,7 +3161,7 @@ type UndrainHostRequest struct {
 
 func (x *UndrainHostRequest) Reset() {
 	*x = UndrainHostRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[37]
+	mi := &file_basalt_v1_vm_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2813,7 +3173,7 @@ func (x *UndrainHostRequest) String() string {
 func (*UndrainHostRequest) ProtoMessage() {}
 
 func (x *UndrainHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[37]
+	mi := &file_basalt_v1_vm_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2826,7 +3186,7 @@ func (x *UndrainHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndrainHostRequest.ProtoReflect.Descriptor instead.
 func (*UndrainHostRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{37}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *UndrainHostRequest) GetHost() string {
@@ -2846,7 +3206,7 @@ type PrepareIncomingRequest struct {
 
 func (x *PrepareIncomingRequest) Reset() {
 	*x = PrepareIncomingRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[38]
+	mi := &file_basalt_v1_vm_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2858,7 +3218,7 @@ func (x *PrepareIncomingRequest) String() string {
 func (*PrepareIncomingRequest) ProtoMessage() {}
 
 func (x *PrepareIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[38]
+	mi := &file_basalt_v1_vm_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2871,7 +3231,7 @@ func (x *PrepareIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareIncomingRequest.ProtoReflect.Descriptor instead.
 func (*PrepareIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{38}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *PrepareIncomingRequest) GetVm() *VM {
@@ -2890,7 +3250,7 @@ type PrepareIncomingResponse struct {
 
 func (x *PrepareIncomingResponse) Reset() {
 	*x = PrepareIncomingResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[39]
+	mi := &file_basalt_v1_vm_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2902,7 +3262,7 @@ func (x *PrepareIncomingResponse) String() string {
 func (*PrepareIncomingResponse) ProtoMessage() {}
 
 func (x *PrepareIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[39]
+	mi := &file_basalt_v1_vm_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2915,7 +3275,7 @@ func (x *PrepareIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareIncomingResponse.ProtoReflect.Descriptor instead.
 func (*PrepareIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{39}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *PrepareIncomingResponse) GetUri() string {
@@ -2935,7 +3295,7 @@ type AbortIncomingRequest struct {
 
 func (x *AbortIncomingRequest) Reset() {
 	*x = AbortIncomingRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[40]
+	mi := &file_basalt_v1_vm_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2947,7 +3307,7 @@ func (x *AbortIncomingRequest) String() string {
 func (*AbortIncomingRequest) ProtoMessage() {}
 
 func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[40]
+	mi := &file_basalt_v1_vm_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2960,7 +3320,7 @@ func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortIncomingRequest.ProtoReflect.Descriptor instead.
 func (*AbortIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{40}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *AbortIncomingRequest) GetName() string {
@@ -2985,7 +3345,7 @@ type AbortIncomingResponse struct {
 
 func (x *AbortIncomingResponse) Reset() {
 	*x = AbortIncomingResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[41]
+	mi := &file_basalt_v1_vm_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2997,7 +3357,7 @@ func (x *AbortIncomingResponse) String() string {
 func (*AbortIncomingResponse) ProtoMessage() {}
 
 func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[41]
+	mi := &file_basalt_v1_vm_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3010,14 +3370,14 @@ func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortIncomingResponse.ProtoReflect.Descriptor instead.
 func (*AbortIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{41}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{44}
 }
 
 var File_basalt_v1_vm_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\n" +
-	"\x12basalt/v1/vm.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"y\n" +
+	"\x12basalt/v1/vm.proto\x12\tbasalt.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"y\n" +
 	"\bVMMemory\x12#\n" +
 	"\rstartup_bytes\x18\x01 \x01(\x04R\fstartupBytes\x12#\n" +
 	"\rminimum_bytes\x18\x02 \x01(\x04R\fminimumBytes\x12#\n" +
@@ -3028,10 +3388,16 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"boot_order\x18\x02 \x01(\rR\tbootOrder\"5\n" +
 	"\x05VMNic\x12\x18\n" +
 	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x12\n" +
-	"\x04port\x18\x02 \x01(\tR\x04port\"]\n" +
+	"\x04port\x18\x02 \x01(\tR\x04port\"\x8d\x01\n" +
 	"\vVMPlacement\x12'\n" +
 	"\x0fpreferred_hosts\x18\x01 \x03(\tR\x0epreferredHosts\x12%\n" +
-	"\x0epossible_hosts\x18\x02 \x03(\tR\rpossibleHosts\"\xcb\x02\n" +
+	"\x0epossible_hosts\x18\x02 \x03(\tR\rpossibleHosts\x12.\n" +
+	"\x13anti_affinity_group\x18\x03 \x01(\tR\x11antiAffinityGroup\"t\n" +
+	"\fVMMonitoring\x12\x1c\n" +
+	"\theartbeat\x18\x01 \x01(\bR\theartbeat\x12'\n" +
+	"\x0ftimeout_seconds\x18\x02 \x01(\rR\x0etimeoutSeconds\x12\x1d\n" +
+	"\n" +
+	"max_resets\x18\x03 \x01(\rR\tmaxResets\"\xb7\x03\n" +
 	"\x06VMSpec\x12\x14\n" +
 	"\x05vcpus\x18\x01 \x01(\rR\x05vcpus\x12+\n" +
 	"\x06memory\x18\x02 \x01(\v2\x13.basalt.v1.VMMemoryR\x06memory\x12'\n" +
@@ -3041,7 +3407,12 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\x06kernel\x18\x06 \x01(\tR\x06kernel\x12\x16\n" +
 	"\x06initrd\x18\a \x01(\tR\x06initrd\x12\x18\n" +
 	"\acmdline\x18\b \x01(\tR\acmdline\x124\n" +
-	"\tplacement\x18\t \x01(\v2\x16.basalt.v1.VMPlacementR\tplacement\"\x86\x01\n" +
+	"\tplacement\x18\t \x01(\v2\x16.basalt.v1.VMPlacementR\tplacement\x121\n" +
+	"\bpriority\x18\n" +
+	" \x01(\x0e2\x15.basalt.v1.VMPriorityR\bpriority\x127\n" +
+	"\n" +
+	"monitoring\x18\v \x01(\v2\x17.basalt.v1.VMMonitoringR\n" +
+	"monitoring\"\x86\x01\n" +
 	"\x06VMStop\x12=\n" +
 	"\frequested_at\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\vrequestedAt\x12'\n" +
 	"\x0ftimeout_seconds\x18\x02 \x01(\rR\x0etimeoutSeconds\x12\x14\n" +
@@ -3074,7 +3445,7 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"finishedAt\x12\x14\n" +
 	"\x05error\x18\v \x01(\tR\x05error\x12\x1a\n" +
 	"\bcompress\x18\f \x01(\bR\bcompress\x12;\n" +
-	"\x1abandwidth_bytes_per_second\x18\r \x01(\x04R\x17bandwidthBytesPerSecond\"\xe7\x04\n" +
+	"\x1abandwidth_bytes_per_second\x18\r \x01(\x04R\x17bandwidthBytesPerSecond\"\xdb\a\n" +
 	"\bVMStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04host\x18\x02 \x01(\tR\x04host\x12(\n" +
@@ -3097,7 +3468,25 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\n" +
 	"started_at\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x129\n" +
 	"\n" +
-	"updated_at\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\x88\x04\n" +
+	"updated_at\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12A\n" +
+	"\x0elast_heartbeat\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\rlastHeartbeat\x12#\n" +
+	"\rheartbeat_seq\x18\x11 \x01(\x04R\fheartbeatSeq\x12A\n" +
+	"\x0emonitor_resets\x18\x12 \x03(\v2\x1a.google.protobuf.TimestampR\rmonitorResets\x12&\n" +
+	"\x0fmonitor_gave_up\x18\x13 \x01(\bR\rmonitorGaveUp\x12Y\n" +
+	"\x12attach_generations\x18\x14 \x03(\v2*.basalt.v1.VMStatus.AttachGenerationsEntryR\x11attachGenerations\x1aD\n" +
+	"\x16AttachGenerationsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\x9f\x02\n" +
+	"\n" +
+	"VMFailover\x12\x1b\n" +
+	"\tfrom_host\x18\x01 \x01(\tR\bfromHost\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12;\n" +
+	"\vdetected_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"detectedAt\x127\n" +
+	"\tfenced_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\bfencedAt\x127\n" +
+	"\tplaced_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\bplacedAt\x12\x17\n" +
+	"\ato_host\x18\x06 \x01(\tR\x06toHost\x12\x14\n" +
+	"\x05error\x18\a \x01(\tR\x05error\"\xbb\x04\n" +
 	"\x02VM\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x04spec\x18\x02 \x01(\v2\x11.basalt.v1.VMSpecR\x04spec\x12(\n" +
@@ -3116,7 +3505,8 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"generation\x18\f \x01(\x04R\n" +
 	"generation\x12\x1f\n" +
 	"\vcloned_from\x18\r \x01(\tR\n" +
-	"clonedFrom\"b\n" +
+	"clonedFrom\x121\n" +
+	"\bfailover\x18\x0e \x01(\v2\x15.basalt.v1.VMFailoverR\bfailover\"b\n" +
 	"\x0fCreateVMRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x04spec\x18\x02 \x01(\v2\x11.basalt.v1.VMSpecR\x04spec\x12\x14\n" +
@@ -3228,7 +3618,12 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\vmaintenance\x18\x03 \x01(\v2\x1a.basalt.v1.HostMaintenanceR\vmaintenance\x124\n" +
 	"\x16memory_committed_bytes\x18\x04 \x01(\x04R\x14memoryCommittedBytes\x12\x10\n" +
 	"\x03vms\x18\x05 \x03(\tR\x03vms\x12\x1c\n" +
-	"\tmigrating\x18\x06 \x03(\tR\tmigrating\"\x12\n" +
+	"\tmigrating\x18\x06 \x03(\tR\tmigrating\"\x89\x01\n" +
+	"\x0fUpdateVMRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
+	"\x04spec\x18\x02 \x01(\v2\x11.basalt.v1.VMSpecR\x04spec\x12;\n" +
+	"\vupdate_mask\x18\x03 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\"\x12\n" +
 	"\x10ListHostsRequest\"G\n" +
 	"\x11ListHostsResponse\x122\n" +
 	"\x05hosts\x18\x01 \x03(\v2\x1c.basalt.v1.ComputeHostStatusR\x05hosts\"\x9b\x01\n" +
@@ -3256,7 +3651,14 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\rFIRMWARE_BIOS\x10\x01\x12\x11\n" +
 	"\rFIRMWARE_UEFI\x10\x02\x12\x1d\n" +
 	"\x19FIRMWARE_UEFI_SECURE_BOOT\x10\x03\x12\x1a\n" +
-	"\x16FIRMWARE_DIRECT_KERNEL\x10\x04*\xbf\x01\n" +
+	"\x16FIRMWARE_DIRECT_KERNEL\x10\x04*\x8b\x01\n" +
+	"\n" +
+	"VMPriority\x12\x1b\n" +
+	"\x17VM_PRIORITY_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10VM_PRIORITY_HIGH\x10\x01\x12\x16\n" +
+	"\x12VM_PRIORITY_MEDIUM\x10\x02\x12\x13\n" +
+	"\x0fVM_PRIORITY_LOW\x10\x03\x12\x1d\n" +
+	"\x19VM_PRIORITY_NO_AUTO_START\x10\x04*\xbf\x01\n" +
 	"\aVMState\x12\x18\n" +
 	"\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10VM_STATE_STOPPED\x10\x01\x12\x15\n" +
@@ -3265,7 +3667,7 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\x0fVM_STATE_PAUSED\x10\x04\x12\x15\n" +
 	"\x11VM_STATE_STOPPING\x10\x05\x12\x16\n" +
 	"\x12VM_STATE_MIGRATING\x10\x06\x12\x13\n" +
-	"\x0fVM_STATE_FAILED\x10\a2\xd5\b\n" +
+	"\x0fVM_STATE_FAILED\x10\a2\x8c\t\n" +
 	"\tVMService\x125\n" +
 	"\bCreateVM\x12\x1a.basalt.v1.CreateVMRequest\x1a\r.basalt.v1.VM\x12/\n" +
 	"\x05GetVM\x12\x17.basalt.v1.GetVMRequest\x1a\r.basalt.v1.VM\x12@\n" +
@@ -3285,7 +3687,8 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\aCloneVM\x12\x19.basalt.v1.CloneVMRequest\x1a\r.basalt.v1.VM\x12F\n" +
 	"\tListHosts\x12\x1b.basalt.v1.ListHostsRequest\x1a\x1c.basalt.v1.ListHostsResponse\x12F\n" +
 	"\tDrainHost\x12\x1b.basalt.v1.DrainHostRequest\x1a\x1c.basalt.v1.DrainHostResponse\x12J\n" +
-	"\vUndrainHost\x12\x1d.basalt.v1.UndrainHostRequest\x1a\x1c.basalt.v1.ComputeHostStatus2\xc6\x02\n" +
+	"\vUndrainHost\x12\x1d.basalt.v1.UndrainHostRequest\x1a\x1c.basalt.v1.ComputeHostStatus\x125\n" +
+	"\bUpdateVM\x12\x1a.basalt.v1.UpdateVMRequest\x1a\r.basalt.v1.VM2\xc6\x02\n" +
 	"\x0eComputeService\x12F\n" +
 	"\rStreamConsole\x12\x17.basalt.v1.ConsoleInput\x1a\x18.basalt.v1.ConsoleOutput(\x010\x01\x12>\n" +
 	"\n" +
@@ -3305,138 +3708,157 @@ func file_basalt_v1_vm_proto_rawDescGZIP() []byte {
 	return file_basalt_v1_vm_proto_rawDescData
 }
 
-var file_basalt_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_basalt_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_basalt_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_basalt_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_basalt_v1_vm_proto_goTypes = []any{
 	(Firmware)(0),                   // 0: basalt.v1.Firmware
-	(VMState)(0),                    // 1: basalt.v1.VMState
-	(*VMMemory)(nil),                // 2: basalt.v1.VMMemory
-	(*VMDisk)(nil),                  // 3: basalt.v1.VMDisk
-	(*VMNic)(nil),                   // 4: basalt.v1.VMNic
-	(*VMPlacement)(nil),             // 5: basalt.v1.VMPlacement
-	(*VMSpec)(nil),                  // 6: basalt.v1.VMSpec
-	(*VMStop)(nil),                  // 7: basalt.v1.VMStop
-	(*VMMigration)(nil),             // 8: basalt.v1.VMMigration
-	(*MigrationProgress)(nil),       // 9: basalt.v1.MigrationProgress
-	(*VMStatus)(nil),                // 10: basalt.v1.VMStatus
-	(*VM)(nil),                      // 11: basalt.v1.VM
-	(*CreateVMRequest)(nil),         // 12: basalt.v1.CreateVMRequest
-	(*GetVMRequest)(nil),            // 13: basalt.v1.GetVMRequest
-	(*ListVMsRequest)(nil),          // 14: basalt.v1.ListVMsRequest
-	(*ListVMsResponse)(nil),         // 15: basalt.v1.ListVMsResponse
-	(*DeleteVMRequest)(nil),         // 16: basalt.v1.DeleteVMRequest
-	(*DeleteVMResponse)(nil),        // 17: basalt.v1.DeleteVMResponse
-	(*StartVMRequest)(nil),          // 18: basalt.v1.StartVMRequest
-	(*StopVMRequest)(nil),           // 19: basalt.v1.StopVMRequest
-	(*KillVMRequest)(nil),           // 20: basalt.v1.KillVMRequest
-	(*PauseVMRequest)(nil),          // 21: basalt.v1.PauseVMRequest
-	(*ResumeVMRequest)(nil),         // 22: basalt.v1.ResumeVMRequest
-	(*SetVMMemoryRequest)(nil),      // 23: basalt.v1.SetVMMemoryRequest
-	(*MigrateVMRequest)(nil),        // 24: basalt.v1.MigrateVMRequest
-	(*CancelMigrationRequest)(nil),  // 25: basalt.v1.CancelMigrationRequest
-	(*GetVMStatsRequest)(nil),       // 26: basalt.v1.GetVMStatsRequest
-	(*DiskStats)(nil),               // 27: basalt.v1.DiskStats
-	(*VMStats)(nil),                 // 28: basalt.v1.VMStats
-	(*ConsoleInput)(nil),            // 29: basalt.v1.ConsoleInput
-	(*ConsoleOutput)(nil),           // 30: basalt.v1.ConsoleOutput
-	(*CloneVMRequest)(nil),          // 31: basalt.v1.CloneVMRequest
-	(*ComputeHost)(nil),             // 32: basalt.v1.ComputeHost
-	(*HostMaintenance)(nil),         // 33: basalt.v1.HostMaintenance
-	(*ComputeHostStatus)(nil),       // 34: basalt.v1.ComputeHostStatus
-	(*ListHostsRequest)(nil),        // 35: basalt.v1.ListHostsRequest
-	(*ListHostsResponse)(nil),       // 36: basalt.v1.ListHostsResponse
-	(*DrainHostRequest)(nil),        // 37: basalt.v1.DrainHostRequest
-	(*DrainHostResponse)(nil),       // 38: basalt.v1.DrainHostResponse
-	(*UndrainHostRequest)(nil),      // 39: basalt.v1.UndrainHostRequest
-	(*PrepareIncomingRequest)(nil),  // 40: basalt.v1.PrepareIncomingRequest
-	(*PrepareIncomingResponse)(nil), // 41: basalt.v1.PrepareIncomingResponse
-	(*AbortIncomingRequest)(nil),    // 42: basalt.v1.AbortIncomingRequest
-	(*AbortIncomingResponse)(nil),   // 43: basalt.v1.AbortIncomingResponse
-	(*timestamppb.Timestamp)(nil),   // 44: google.protobuf.Timestamp
+	(VMPriority)(0),                 // 1: basalt.v1.VMPriority
+	(VMState)(0),                    // 2: basalt.v1.VMState
+	(*VMMemory)(nil),                // 3: basalt.v1.VMMemory
+	(*VMDisk)(nil),                  // 4: basalt.v1.VMDisk
+	(*VMNic)(nil),                   // 5: basalt.v1.VMNic
+	(*VMPlacement)(nil),             // 6: basalt.v1.VMPlacement
+	(*VMMonitoring)(nil),            // 7: basalt.v1.VMMonitoring
+	(*VMSpec)(nil),                  // 8: basalt.v1.VMSpec
+	(*VMStop)(nil),                  // 9: basalt.v1.VMStop
+	(*VMMigration)(nil),             // 10: basalt.v1.VMMigration
+	(*MigrationProgress)(nil),       // 11: basalt.v1.MigrationProgress
+	(*VMStatus)(nil),                // 12: basalt.v1.VMStatus
+	(*VMFailover)(nil),              // 13: basalt.v1.VMFailover
+	(*VM)(nil),                      // 14: basalt.v1.VM
+	(*CreateVMRequest)(nil),         // 15: basalt.v1.CreateVMRequest
+	(*GetVMRequest)(nil),            // 16: basalt.v1.GetVMRequest
+	(*ListVMsRequest)(nil),          // 17: basalt.v1.ListVMsRequest
+	(*ListVMsResponse)(nil),         // 18: basalt.v1.ListVMsResponse
+	(*DeleteVMRequest)(nil),         // 19: basalt.v1.DeleteVMRequest
+	(*DeleteVMResponse)(nil),        // 20: basalt.v1.DeleteVMResponse
+	(*StartVMRequest)(nil),          // 21: basalt.v1.StartVMRequest
+	(*StopVMRequest)(nil),           // 22: basalt.v1.StopVMRequest
+	(*KillVMRequest)(nil),           // 23: basalt.v1.KillVMRequest
+	(*PauseVMRequest)(nil),          // 24: basalt.v1.PauseVMRequest
+	(*ResumeVMRequest)(nil),         // 25: basalt.v1.ResumeVMRequest
+	(*SetVMMemoryRequest)(nil),      // 26: basalt.v1.SetVMMemoryRequest
+	(*MigrateVMRequest)(nil),        // 27: basalt.v1.MigrateVMRequest
+	(*CancelMigrationRequest)(nil),  // 28: basalt.v1.CancelMigrationRequest
+	(*GetVMStatsRequest)(nil),       // 29: basalt.v1.GetVMStatsRequest
+	(*DiskStats)(nil),               // 30: basalt.v1.DiskStats
+	(*VMStats)(nil),                 // 31: basalt.v1.VMStats
+	(*ConsoleInput)(nil),            // 32: basalt.v1.ConsoleInput
+	(*ConsoleOutput)(nil),           // 33: basalt.v1.ConsoleOutput
+	(*CloneVMRequest)(nil),          // 34: basalt.v1.CloneVMRequest
+	(*ComputeHost)(nil),             // 35: basalt.v1.ComputeHost
+	(*HostMaintenance)(nil),         // 36: basalt.v1.HostMaintenance
+	(*ComputeHostStatus)(nil),       // 37: basalt.v1.ComputeHostStatus
+	(*UpdateVMRequest)(nil),         // 38: basalt.v1.UpdateVMRequest
+	(*ListHostsRequest)(nil),        // 39: basalt.v1.ListHostsRequest
+	(*ListHostsResponse)(nil),       // 40: basalt.v1.ListHostsResponse
+	(*DrainHostRequest)(nil),        // 41: basalt.v1.DrainHostRequest
+	(*DrainHostResponse)(nil),       // 42: basalt.v1.DrainHostResponse
+	(*UndrainHostRequest)(nil),      // 43: basalt.v1.UndrainHostRequest
+	(*PrepareIncomingRequest)(nil),  // 44: basalt.v1.PrepareIncomingRequest
+	(*PrepareIncomingResponse)(nil), // 45: basalt.v1.PrepareIncomingResponse
+	(*AbortIncomingRequest)(nil),    // 46: basalt.v1.AbortIncomingRequest
+	(*AbortIncomingResponse)(nil),   // 47: basalt.v1.AbortIncomingResponse
+	nil,                             // 48: basalt.v1.VMStatus.AttachGenerationsEntry
+	(*timestamppb.Timestamp)(nil),   // 49: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),   // 50: google.protobuf.FieldMask
 }
 var file_basalt_v1_vm_proto_depIdxs = []int32{
-	2,  // 0: basalt.v1.VMSpec.memory:type_name -> basalt.v1.VMMemory
-	3,  // 1: basalt.v1.VMSpec.disks:type_name -> basalt.v1.VMDisk
-	4,  // 2: basalt.v1.VMSpec.nics:type_name -> basalt.v1.VMNic
+	3,  // 0: basalt.v1.VMSpec.memory:type_name -> basalt.v1.VMMemory
+	4,  // 1: basalt.v1.VMSpec.disks:type_name -> basalt.v1.VMDisk
+	5,  // 2: basalt.v1.VMSpec.nics:type_name -> basalt.v1.VMNic
 	0,  // 3: basalt.v1.VMSpec.firmware:type_name -> basalt.v1.Firmware
-	5,  // 4: basalt.v1.VMSpec.placement:type_name -> basalt.v1.VMPlacement
-	44, // 5: basalt.v1.VMStop.requested_at:type_name -> google.protobuf.Timestamp
-	44, // 6: basalt.v1.VMMigration.requested_at:type_name -> google.protobuf.Timestamp
-	44, // 7: basalt.v1.MigrationProgress.started_at:type_name -> google.protobuf.Timestamp
-	44, // 8: basalt.v1.MigrationProgress.finished_at:type_name -> google.protobuf.Timestamp
-	1,  // 9: basalt.v1.VMStatus.state:type_name -> basalt.v1.VMState
-	44, // 10: basalt.v1.VMStatus.last_error_at:type_name -> google.protobuf.Timestamp
-	9,  // 11: basalt.v1.VMStatus.migration:type_name -> basalt.v1.MigrationProgress
-	44, // 12: basalt.v1.VMStatus.started_at:type_name -> google.protobuf.Timestamp
-	44, // 13: basalt.v1.VMStatus.updated_at:type_name -> google.protobuf.Timestamp
-	6,  // 14: basalt.v1.VM.spec:type_name -> basalt.v1.VMSpec
-	1,  // 15: basalt.v1.VM.state:type_name -> basalt.v1.VMState
-	44, // 16: basalt.v1.VM.created_at:type_name -> google.protobuf.Timestamp
-	1,  // 17: basalt.v1.VM.desired_state:type_name -> basalt.v1.VMState
-	7,  // 18: basalt.v1.VM.stop:type_name -> basalt.v1.VMStop
-	8,  // 19: basalt.v1.VM.migration:type_name -> basalt.v1.VMMigration
-	10, // 20: basalt.v1.VM.status:type_name -> basalt.v1.VMStatus
-	6,  // 21: basalt.v1.CreateVMRequest.spec:type_name -> basalt.v1.VMSpec
-	11, // 22: basalt.v1.ListVMsResponse.vms:type_name -> basalt.v1.VM
-	44, // 23: basalt.v1.VMStats.sampled_at:type_name -> google.protobuf.Timestamp
-	27, // 24: basalt.v1.VMStats.disks:type_name -> basalt.v1.DiskStats
-	44, // 25: basalt.v1.ComputeHost.updated_at:type_name -> google.protobuf.Timestamp
-	44, // 26: basalt.v1.HostMaintenance.requested_at:type_name -> google.protobuf.Timestamp
-	32, // 27: basalt.v1.ComputeHostStatus.host:type_name -> basalt.v1.ComputeHost
-	33, // 28: basalt.v1.ComputeHostStatus.maintenance:type_name -> basalt.v1.HostMaintenance
-	34, // 29: basalt.v1.ListHostsResponse.hosts:type_name -> basalt.v1.ComputeHostStatus
-	34, // 30: basalt.v1.DrainHostResponse.host:type_name -> basalt.v1.ComputeHostStatus
-	11, // 31: basalt.v1.DrainHostResponse.moving:type_name -> basalt.v1.VM
-	11, // 32: basalt.v1.PrepareIncomingRequest.vm:type_name -> basalt.v1.VM
-	12, // 33: basalt.v1.VMService.CreateVM:input_type -> basalt.v1.CreateVMRequest
-	13, // 34: basalt.v1.VMService.GetVM:input_type -> basalt.v1.GetVMRequest
-	14, // 35: basalt.v1.VMService.ListVMs:input_type -> basalt.v1.ListVMsRequest
-	16, // 36: basalt.v1.VMService.DeleteVM:input_type -> basalt.v1.DeleteVMRequest
-	18, // 37: basalt.v1.VMService.StartVM:input_type -> basalt.v1.StartVMRequest
-	19, // 38: basalt.v1.VMService.StopVM:input_type -> basalt.v1.StopVMRequest
-	20, // 39: basalt.v1.VMService.KillVM:input_type -> basalt.v1.KillVMRequest
-	21, // 40: basalt.v1.VMService.PauseVM:input_type -> basalt.v1.PauseVMRequest
-	22, // 41: basalt.v1.VMService.ResumeVM:input_type -> basalt.v1.ResumeVMRequest
-	23, // 42: basalt.v1.VMService.SetVMMemory:input_type -> basalt.v1.SetVMMemoryRequest
-	24, // 43: basalt.v1.VMService.MigrateVM:input_type -> basalt.v1.MigrateVMRequest
-	25, // 44: basalt.v1.VMService.CancelMigration:input_type -> basalt.v1.CancelMigrationRequest
-	26, // 45: basalt.v1.VMService.GetVMStats:input_type -> basalt.v1.GetVMStatsRequest
-	29, // 46: basalt.v1.VMService.StreamConsole:input_type -> basalt.v1.ConsoleInput
-	31, // 47: basalt.v1.VMService.CloneVM:input_type -> basalt.v1.CloneVMRequest
-	35, // 48: basalt.v1.VMService.ListHosts:input_type -> basalt.v1.ListHostsRequest
-	37, // 49: basalt.v1.VMService.DrainHost:input_type -> basalt.v1.DrainHostRequest
-	39, // 50: basalt.v1.VMService.UndrainHost:input_type -> basalt.v1.UndrainHostRequest
-	29, // 51: basalt.v1.ComputeService.StreamConsole:input_type -> basalt.v1.ConsoleInput
-	26, // 52: basalt.v1.ComputeService.GetVMStats:input_type -> basalt.v1.GetVMStatsRequest
-	40, // 53: basalt.v1.ComputeService.PrepareIncoming:input_type -> basalt.v1.PrepareIncomingRequest
-	42, // 54: basalt.v1.ComputeService.AbortIncoming:input_type -> basalt.v1.AbortIncomingRequest
-	11, // 55: basalt.v1.VMService.CreateVM:output_type -> basalt.v1.VM
-	11, // 56: basalt.v1.VMService.GetVM:output_type -> basalt.v1.VM
-	15, // 57: basalt.v1.VMService.ListVMs:output_type -> basalt.v1.ListVMsResponse
-	17, // 58: basalt.v1.VMService.DeleteVM:output_type -> basalt.v1.DeleteVMResponse
-	11, // 59: basalt.v1.VMService.StartVM:output_type -> basalt.v1.VM
-	11, // 60: basalt.v1.VMService.StopVM:output_type -> basalt.v1.VM
-	11, // 61: basalt.v1.VMService.KillVM:output_type -> basalt.v1.VM
-	11, // 62: basalt.v1.VMService.PauseVM:output_type -> basalt.v1.VM
-	11, // 63: basalt.v1.VMService.ResumeVM:output_type -> basalt.v1.VM
-	11, // 64: basalt.v1.VMService.SetVMMemory:output_type -> basalt.v1.VM
-	11, // 65: basalt.v1.VMService.MigrateVM:output_type -> basalt.v1.VM
-	11, // 66: basalt.v1.VMService.CancelMigration:output_type -> basalt.v1.VM
-	28, // 67: basalt.v1.VMService.GetVMStats:output_type -> basalt.v1.VMStats
-	30, // 68: basalt.v1.VMService.StreamConsole:output_type -> basalt.v1.ConsoleOutput
-	11, // 69: basalt.v1.VMService.CloneVM:output_type -> basalt.v1.VM
-	36, // 70: basalt.v1.VMService.ListHosts:output_type -> basalt.v1.ListHostsResponse
-	38, // 71: basalt.v1.VMService.DrainHost:output_type -> basalt.v1.DrainHostResponse
-	34, // 72: basalt.v1.VMService.UndrainHost:output_type -> basalt.v1.ComputeHostStatus
-	30, // 73: basalt.v1.ComputeService.StreamConsole:output_type -> basalt.v1.ConsoleOutput
-	28, // 74: basalt.v1.ComputeService.GetVMStats:output_type -> basalt.v1.VMStats
-	41, // 75: basalt.v1.ComputeService.PrepareIncoming:output_type -> basalt.v1.PrepareIncomingResponse
-	43, // 76: basalt.v1.ComputeService.AbortIncoming:output_type -> basalt.v1.AbortIncomingResponse
-	55, // [55:77] is the sub-list for method output_type
-	33, // [33:55] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	6,  // 4: basalt.v1.VMSpec.placement:type_name -> basalt.v1.VMPlacement
+	1,  // 5: basalt.v1.VMSpec.priority:type_name -> basalt.v1.VMPriority
+	7,  // 6: basalt.v1.VMSpec.monitoring:type_name -> basalt.v1.VMMonitoring
+	49, // 7: basalt.v1.VMStop.requested_at:type_name -> google.protobuf.Timestamp
+	49, // 8: basalt.v1.VMMigration.requested_at:type_name -> google.protobuf.Timestamp
+	49, // 9: basalt.v1.MigrationProgress.started_at:type_name -> google.protobuf.Timestamp
+	49, // 10: basalt.v1.MigrationProgress.finished_at:type_name -> google.protobuf.Timestamp
+	2,  // 11: basalt.v1.VMStatus.state:type_name -> basalt.v1.VMState
+	49, // 12: basalt.v1.VMStatus.last_error_at:type_name -> google.protobuf.Timestamp
+	11, // 13: basalt.v1.VMStatus.migration:type_name -> basalt.v1.MigrationProgress
+	49, // 14: basalt.v1.VMStatus.started_at:type_name -> google.protobuf.Timestamp
+	49, // 15: basalt.v1.VMStatus.updated_at:type_name -> google.protobuf.Timestamp
+	49, // 16: basalt.v1.VMStatus.last_heartbeat:type_name -> google.protobuf.Timestamp
+	49, // 17: basalt.v1.VMStatus.monitor_resets:type_name -> google.protobuf.Timestamp
+	48, // 18: basalt.v1.VMStatus.attach_generations:type_name -> basalt.v1.VMStatus.AttachGenerationsEntry
+	49, // 19: basalt.v1.VMFailover.detected_at:type_name -> google.protobuf.Timestamp
+	49, // 20: basalt.v1.VMFailover.fenced_at:type_name -> google.protobuf.Timestamp
+	49, // 21: basalt.v1.VMFailover.placed_at:type_name -> google.protobuf.Timestamp
+	8,  // 22: basalt.v1.VM.spec:type_name -> basalt.v1.VMSpec
+	2,  // 23: basalt.v1.VM.state:type_name -> basalt.v1.VMState
+	49, // 24: basalt.v1.VM.created_at:type_name -> google.protobuf.Timestamp
+	2,  // 25: basalt.v1.VM.desired_state:type_name -> basalt.v1.VMState
+	9,  // 26: basalt.v1.VM.stop:type_name -> basalt.v1.VMStop
+	10, // 27: basalt.v1.VM.migration:type_name -> basalt.v1.VMMigration
+	12, // 28: basalt.v1.VM.status:type_name -> basalt.v1.VMStatus
+	13, // 29: basalt.v1.VM.failover:type_name -> basalt.v1.VMFailover
+	8,  // 30: basalt.v1.CreateVMRequest.spec:type_name -> basalt.v1.VMSpec
+	14, // 31: basalt.v1.ListVMsResponse.vms:type_name -> basalt.v1.VM
+	49, // 32: basalt.v1.VMStats.sampled_at:type_name -> google.protobuf.Timestamp
+	30, // 33: basalt.v1.VMStats.disks:type_name -> basalt.v1.DiskStats
+	49, // 34: basalt.v1.ComputeHost.updated_at:type_name -> google.protobuf.Timestamp
+	49, // 35: basalt.v1.HostMaintenance.requested_at:type_name -> google.protobuf.Timestamp
+	35, // 36: basalt.v1.ComputeHostStatus.host:type_name -> basalt.v1.ComputeHost
+	36, // 37: basalt.v1.ComputeHostStatus.maintenance:type_name -> basalt.v1.HostMaintenance
+	8,  // 38: basalt.v1.UpdateVMRequest.spec:type_name -> basalt.v1.VMSpec
+	50, // 39: basalt.v1.UpdateVMRequest.update_mask:type_name -> google.protobuf.FieldMask
+	37, // 40: basalt.v1.ListHostsResponse.hosts:type_name -> basalt.v1.ComputeHostStatus
+	37, // 41: basalt.v1.DrainHostResponse.host:type_name -> basalt.v1.ComputeHostStatus
+	14, // 42: basalt.v1.DrainHostResponse.moving:type_name -> basalt.v1.VM
+	14, // 43: basalt.v1.PrepareIncomingRequest.vm:type_name -> basalt.v1.VM
+	15, // 44: basalt.v1.VMService.CreateVM:input_type -> basalt.v1.CreateVMRequest
+	16, // 45: basalt.v1.VMService.GetVM:input_type -> basalt.v1.GetVMRequest
+	17, // 46: basalt.v1.VMService.ListVMs:input_type -> basalt.v1.ListVMsRequest
+	19, // 47: basalt.v1.VMService.DeleteVM:input_type -> basalt.v1.DeleteVMRequest
+	21, // 48: basalt.v1.VMService.StartVM:input_type -> basalt.v1.StartVMRequest
+	22, // 49: basalt.v1.VMService.StopVM:input_type -> basalt.v1.StopVMRequest
+	23, // 50: basalt.v1.VMService.KillVM:input_type -> basalt.v1.KillVMRequest
+	24, // 51: basalt.v1.VMService.PauseVM:input_type -> basalt.v1.PauseVMRequest
+	25, // 52: basalt.v1.VMService.ResumeVM:input_type -> basalt.v1.ResumeVMRequest
+	26, // 53: basalt.v1.VMService.SetVMMemory:input_type -> basalt.v1.SetVMMemoryRequest
+	27, // 54: basalt.v1.VMService.MigrateVM:input_type -> basalt.v1.MigrateVMRequest
+	28, // 55: basalt.v1.VMService.CancelMigration:input_type -> basalt.v1.CancelMigrationRequest
+	29, // 56: basalt.v1.VMService.GetVMStats:input_type -> basalt.v1.GetVMStatsRequest
+	32, // 57: basalt.v1.VMService.StreamConsole:input_type -> basalt.v1.ConsoleInput
+	34, // 58: basalt.v1.VMService.CloneVM:input_type -> basalt.v1.CloneVMRequest
+	39, // 59: basalt.v1.VMService.ListHosts:input_type -> basalt.v1.ListHostsRequest
+	41, // 60: basalt.v1.VMService.DrainHost:input_type -> basalt.v1.DrainHostRequest
+	43, // 61: basalt.v1.VMService.UndrainHost:input_type -> basalt.v1.UndrainHostRequest
+	38, // 62: basalt.v1.VMService.UpdateVM:input_type -> basalt.v1.UpdateVMRequest
+	32, // 63: basalt.v1.ComputeService.StreamConsole:input_type -> basalt.v1.ConsoleInput
+	29, // 64: basalt.v1.ComputeService.GetVMStats:input_type -> basalt.v1.GetVMStatsRequest
+	44, // 65: basalt.v1.ComputeService.PrepareIncoming:input_type -> basalt.v1.PrepareIncomingRequest
+	46, // 66: basalt.v1.ComputeService.AbortIncoming:input_type -> basalt.v1.AbortIncomingRequest
+	14, // 67: basalt.v1.VMService.CreateVM:output_type -> basalt.v1.VM
+	14, // 68: basalt.v1.VMService.GetVM:output_type -> basalt.v1.VM
+	18, // 69: basalt.v1.VMService.ListVMs:output_type -> basalt.v1.ListVMsResponse
+	20, // 70: basalt.v1.VMService.DeleteVM:output_type -> basalt.v1.DeleteVMResponse
+	14, // 71: basalt.v1.VMService.StartVM:output_type -> basalt.v1.VM
+	14, // 72: basalt.v1.VMService.StopVM:output_type -> basalt.v1.VM
+	14, // 73: basalt.v1.VMService.KillVM:output_type -> basalt.v1.VM
+	14, // 74: basalt.v1.VMService.PauseVM:output_type -> basalt.v1.VM
+	14, // 75: basalt.v1.VMService.ResumeVM:output_type -> basalt.v1.VM
+	14, // 76: basalt.v1.VMService.SetVMMemory:output_type -> basalt.v1.VM
+	14, // 77: basalt.v1.VMService.MigrateVM:output_type -> basalt.v1.VM
+	14, // 78: basalt.v1.VMService.CancelMigration:output_type -> basalt.v1.VM
+	31, // 79: basalt.v1.VMService.GetVMStats:output_type -> basalt.v1.VMStats
+	33, // 80: basalt.v1.VMService.StreamConsole:output_type -> basalt.v1.ConsoleOutput
+	14, // 81: basalt.v1.VMService.CloneVM:output_type -> basalt.v1.VM
+	40, // 82: basalt.v1.VMService.ListHosts:output_type -> basalt.v1.ListHostsResponse
+	42, // 83: basalt.v1.VMService.DrainHost:output_type -> basalt.v1.DrainHostResponse
+	37, // 84: basalt.v1.VMService.UndrainHost:output_type -> basalt.v1.ComputeHostStatus
+	14, // 85: basalt.v1.VMService.UpdateVM:output_type -> basalt.v1.VM
+	33, // 86: basalt.v1.ComputeService.StreamConsole:output_type -> basalt.v1.ConsoleOutput
+	31, // 87: basalt.v1.ComputeService.GetVMStats:output_type -> basalt.v1.VMStats
+	45, // 88: basalt.v1.ComputeService.PrepareIncoming:output_type -> basalt.v1.PrepareIncomingResponse
+	47, // 89: basalt.v1.ComputeService.AbortIncoming:output_type -> basalt.v1.AbortIncomingResponse
+	67, // [67:90] is the sub-list for method output_type
+	44, // [44:67] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_basalt_v1_vm_proto_init() }
@@ -3449,8 +3871,8 @@ func file_basalt_v1_vm_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_vm_proto_rawDesc), len(file_basalt_v1_vm_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   42,
+			NumEnums:      3,
+			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

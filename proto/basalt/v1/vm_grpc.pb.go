@@ -37,6 +37,7 @@ const (
 	VMService_ListHosts_FullMethodName       = "/basalt.v1.VMService/ListHosts"
 	VMService_DrainHost_FullMethodName       = "/basalt.v1.VMService/DrainHost"
 	VMService_UndrainHost_FullMethodName     = "/basalt.v1.VMService/UndrainHost"
+	VMService_UpdateVM_FullMethodName        = "/basalt.v1.VMService/UpdateVM"
 )
 
 // VMServiceClient is the client API for VMService service.
@@ -95,6 +96,12 @@ type VMServiceClient interface {
 	DrainHost(ctx context.Context, in *DrainHostRequest, opts ...grpc.CallOption) (*DrainHostResponse, error)
 	// UndrainHost ends a host's maintenance.
 	UndrainHost(ctx context.Context, in *UndrainHostRequest, opts ...grpc.CallOption) (*ComputeHostStatus, error)
+	// UpdateVM changes the parts of a VM's spec that take effect without a restart: its priority, placement
+	// (preferred and possible hosts, anti-affinity group) and monitoring. `update_mask` names the fields, as
+	// paths within VMSpec: "priority", "placement.preferred_hosts", "placement.possible_hosts",
+	// "placement.anti_affinity_group", "monitoring". A VM that runs on a host its new possible hosts exclude is
+	// refused (FAILED_PRECONDITION): migrate it first.
+	UpdateVM(ctx context.Context, in *UpdateVMRequest, opts ...grpc.CallOption) (*VM, error)
 }
 
 type vMServiceClient struct {
@@ -288,6 +295,16 @@ func (c *vMServiceClient) UndrainHost(ctx context.Context, in *UndrainHostReques
 	return out, nil
 }
 
+func (c *vMServiceClient) UpdateVM(ctx context.Context, in *UpdateVMRequest, opts ...grpc.CallOption) (*VM, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VM)
+	err := c.cc.Invoke(ctx, VMService_UpdateVM_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // VMServiceServer is the server API for VMService service.
 // All implementations must embed UnimplementedVMServiceServer
 // for forward compatibility.
@@ -344,6 +361,12 @@ type VMServiceServer interface {
 	DrainHost(context.Context, *DrainHostRequest) (*DrainHostResponse, error)
 	// UndrainHost ends a host's maintenance.
 	UndrainHost(context.Context, *UndrainHostRequest) (*ComputeHostStatus, error)
+	// UpdateVM changes the parts of a VM's spec that take effect without a restart: its priority, placement
+	// (preferred and possible hosts, anti-affinity group) and monitoring. `update_mask` names the fields, as
+	// paths within VMSpec: "priority", "placement.preferred_hosts", "placement.possible_hosts",
+	// "placement.anti_affinity_group", "monitoring". A VM that runs on a host its new possible hosts exclude is
+	// refused (FAILED_PRECONDITION): migrate it first.
+	UpdateVM(context.Context, *UpdateVMRequest) (*VM, error)
 	mustEmbedUnimplementedVMServiceServer()
 }
 
@@ -407,6 +430,9 @@ func (UnimplementedVMServiceServer) DrainHost(context.Context, *DrainHostRequest
 }
 func (UnimplementedVMServiceServer) UndrainHost(context.Context, *UndrainHostRequest) (*ComputeHostStatus, error) {
 	return nil, status.Error(codes.Unimplemented, "method UndrainHost not implemented")
+}
+func (UnimplementedVMServiceServer) UpdateVM(context.Context, *UpdateVMRequest) (*VM, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateVM not implemented")
 }
 func (UnimplementedVMServiceServer) mustEmbedUnimplementedVMServiceServer() {}
 func (UnimplementedVMServiceServer) testEmbeddedByValue()                   {}
@@ -742,6 +768,24 @@ func _VMService_UndrainHost_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VMService_UpdateVM_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateVMRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VMServiceServer).UpdateVM(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VMService_UpdateVM_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VMServiceServer).UpdateVM(ctx, req.(*UpdateVMRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // VMService_ServiceDesc is the grpc.ServiceDesc for VMService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -816,6 +860,10 @@ var VMService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UndrainHost",
 			Handler:    _VMService_UndrainHost_Handler,
+		},
+		{
+			MethodName: "UpdateVM",
+			Handler:    _VMService_UpdateVM_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -231,9 +231,15 @@ type Volume struct {
 	// A checkpoint being taken, if any.
 	PendingCheckpoint *PendingCheckpoint `protobuf:"bytes,13,opt,name=pending_checkpoint,json=pendingCheckpoint,proto3" json:"pending_checkpoint,omitempty"`
 	// A linked clone's parent: what the clone reads where it has not written. Cleared by flattening.
-	Parent        *VolumeParent `protobuf:"bytes,14,opt,name=parent,proto3" json:"parent,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Parent *VolumeParent `protobuf:"bytes,14,opt,name=parent,proto3" json:"parent,omitempty"`
+	// Hosts the volume is attached to (docs/fencing.md). An exclusive volume has at most one that is not
+	// incoming, and accepts writes only from sessions opened with its generation; with none, only from
+	// sessions opened without a generation.
+	Attachments []*Attachment `protobuf:"bytes,15,rep,name=attachments,proto3" json:"attachments,omitempty"`
+	// The last attachment generation issued for this volume; never reused, bumped by every attach and fence.
+	AttachGeneration uint64 `protobuf:"varint,16,opt,name=attach_generation,json=attachGeneration,proto3" json:"attach_generation,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -362,6 +368,20 @@ func (x *Volume) GetParent() *VolumeParent {
 		return x.Parent
 	}
 	return nil
+}
+
+func (x *Volume) GetAttachments() []*Attachment {
+	if x != nil {
+		return x.Attachments
+	}
+	return nil
+}
+
+func (x *Volume) GetAttachGeneration() uint64 {
+	if x != nil {
+		return x.AttachGeneration
+	}
+	return 0
 }
 
 // VolumeParent is the checkpoint a linked clone was created from.
@@ -1555,7 +1575,7 @@ var File_basalt_v1_volume_proto protoreflect.FileDescriptor
 
 const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\n" +
-	"\x16basalt/v1/volume.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1abasalt/v1/checkpoint.proto\"*\n" +
+	"\x16basalt/v1/volume.proto\x12\tbasalt.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1abasalt/v1/attachment.proto\x1a\x1abasalt/v1/checkpoint.proto\"*\n" +
 	"\x14FlattenVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\xe5\x01\n" +
 	"\x11CopyVolumeRequest\x12\x16\n" +
@@ -1567,7 +1587,7 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\x06length\x18\x06 \x01(\x04R\x06length\x12\x12\n" +
 	"\x04pool\x18\a \x01(\tR\x04pool\"7\n" +
 	"\x12CopyVolumeResponse\x12!\n" +
-	"\fbytes_copied\x18\x01 \x01(\x04R\vbytesCopied\"\x9a\x04\n" +
+	"\fbytes_copied\x18\x01 \x01(\x04R\vbytesCopied\"\x80\x05\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -1586,7 +1606,9 @@ const file_basalt_v1_volume_proto_rawDesc = "" +
 	"\vcheckpoints\x18\v \x03(\v2\x15.basalt.v1.CheckpointR\vcheckpoints\x12/\n" +
 	"\x13deleted_checkpoints\x18\f \x03(\rR\x12deletedCheckpoints\x12K\n" +
 	"\x12pending_checkpoint\x18\r \x01(\v2\x1c.basalt.v1.PendingCheckpointR\x11pendingCheckpoint\x12/\n" +
-	"\x06parent\x18\x0e \x01(\v2\x17.basalt.v1.VolumeParentR\x06parent\"\xa7\x01\n" +
+	"\x06parent\x18\x0e \x01(\v2\x17.basalt.v1.VolumeParentR\x06parent\x127\n" +
+	"\vattachments\x18\x0f \x03(\v2\x15.basalt.v1.AttachmentR\vattachments\x12+\n" +
+	"\x11attach_generation\x18\x10 \x01(\x04R\x10attachGeneration\"\xa7\x01\n" +
 	"\fVolumeParent\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x1b\n" +
 	"\tvolume_id\x18\x02 \x01(\x04R\bvolumeId\x12\x1e\n" +
@@ -1738,46 +1760,48 @@ var file_basalt_v1_volume_proto_goTypes = []any{
 	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
 	(*Checkpoint)(nil),            // 24: basalt.v1.Checkpoint
 	(*PendingCheckpoint)(nil),     // 25: basalt.v1.PendingCheckpoint
+	(*Attachment)(nil),            // 26: basalt.v1.Attachment
 }
 var file_basalt_v1_volume_proto_depIdxs = []int32{
 	23, // 0: basalt.v1.Volume.created_at:type_name -> google.protobuf.Timestamp
 	24, // 1: basalt.v1.Volume.checkpoints:type_name -> basalt.v1.Checkpoint
 	25, // 2: basalt.v1.Volume.pending_checkpoint:type_name -> basalt.v1.PendingCheckpoint
 	4,  // 3: basalt.v1.Volume.parent:type_name -> basalt.v1.VolumeParent
-	3,  // 4: basalt.v1.ListVolumesResponse.volumes:type_name -> basalt.v1.Volume
-	12, // 5: basalt.v1.ListPoolsResponse.pools:type_name -> basalt.v1.Pool
-	3,  // 6: basalt.v1.VolumeStatus.volume:type_name -> basalt.v1.Volume
-	20, // 7: basalt.v1.VolumeStatus.nodes:type_name -> basalt.v1.VolumeReplicaNode
-	23, // 8: basalt.v1.PGRecovery.updated_at:type_name -> google.protobuf.Timestamp
-	5,  // 9: basalt.v1.VolumeService.CreateVolume:input_type -> basalt.v1.CreateVolumeRequest
-	6,  // 10: basalt.v1.VolumeService.GetVolume:input_type -> basalt.v1.GetVolumeRequest
-	7,  // 11: basalt.v1.VolumeService.ListVolumes:input_type -> basalt.v1.ListVolumesRequest
-	9,  // 12: basalt.v1.VolumeService.DeleteVolume:input_type -> basalt.v1.DeleteVolumeRequest
-	11, // 13: basalt.v1.VolumeService.ResizeVolume:input_type -> basalt.v1.ResizeVolumeRequest
-	21, // 14: basalt.v1.VolumeService.ScrubVolume:input_type -> basalt.v1.ScrubVolumeRequest
-	6,  // 15: basalt.v1.VolumeService.GetVolumeStatus:input_type -> basalt.v1.GetVolumeRequest
-	13, // 16: basalt.v1.VolumeService.CreatePool:input_type -> basalt.v1.CreatePoolRequest
-	14, // 17: basalt.v1.VolumeService.ListPools:input_type -> basalt.v1.ListPoolsRequest
-	16, // 18: basalt.v1.VolumeService.DeletePool:input_type -> basalt.v1.DeletePoolRequest
-	0,  // 19: basalt.v1.VolumeService.FlattenVolume:input_type -> basalt.v1.FlattenVolumeRequest
-	1,  // 20: basalt.v1.VolumeService.CopyVolume:input_type -> basalt.v1.CopyVolumeRequest
-	3,  // 21: basalt.v1.VolumeService.CreateVolume:output_type -> basalt.v1.Volume
-	3,  // 22: basalt.v1.VolumeService.GetVolume:output_type -> basalt.v1.Volume
-	8,  // 23: basalt.v1.VolumeService.ListVolumes:output_type -> basalt.v1.ListVolumesResponse
-	10, // 24: basalt.v1.VolumeService.DeleteVolume:output_type -> basalt.v1.DeleteVolumeResponse
-	3,  // 25: basalt.v1.VolumeService.ResizeVolume:output_type -> basalt.v1.Volume
-	22, // 26: basalt.v1.VolumeService.ScrubVolume:output_type -> basalt.v1.ScrubVolumeResponse
-	18, // 27: basalt.v1.VolumeService.GetVolumeStatus:output_type -> basalt.v1.VolumeStatus
-	12, // 28: basalt.v1.VolumeService.CreatePool:output_type -> basalt.v1.Pool
-	15, // 29: basalt.v1.VolumeService.ListPools:output_type -> basalt.v1.ListPoolsResponse
-	17, // 30: basalt.v1.VolumeService.DeletePool:output_type -> basalt.v1.DeletePoolResponse
-	3,  // 31: basalt.v1.VolumeService.FlattenVolume:output_type -> basalt.v1.Volume
-	2,  // 32: basalt.v1.VolumeService.CopyVolume:output_type -> basalt.v1.CopyVolumeResponse
-	21, // [21:33] is the sub-list for method output_type
-	9,  // [9:21] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	26, // 4: basalt.v1.Volume.attachments:type_name -> basalt.v1.Attachment
+	3,  // 5: basalt.v1.ListVolumesResponse.volumes:type_name -> basalt.v1.Volume
+	12, // 6: basalt.v1.ListPoolsResponse.pools:type_name -> basalt.v1.Pool
+	3,  // 7: basalt.v1.VolumeStatus.volume:type_name -> basalt.v1.Volume
+	20, // 8: basalt.v1.VolumeStatus.nodes:type_name -> basalt.v1.VolumeReplicaNode
+	23, // 9: basalt.v1.PGRecovery.updated_at:type_name -> google.protobuf.Timestamp
+	5,  // 10: basalt.v1.VolumeService.CreateVolume:input_type -> basalt.v1.CreateVolumeRequest
+	6,  // 11: basalt.v1.VolumeService.GetVolume:input_type -> basalt.v1.GetVolumeRequest
+	7,  // 12: basalt.v1.VolumeService.ListVolumes:input_type -> basalt.v1.ListVolumesRequest
+	9,  // 13: basalt.v1.VolumeService.DeleteVolume:input_type -> basalt.v1.DeleteVolumeRequest
+	11, // 14: basalt.v1.VolumeService.ResizeVolume:input_type -> basalt.v1.ResizeVolumeRequest
+	21, // 15: basalt.v1.VolumeService.ScrubVolume:input_type -> basalt.v1.ScrubVolumeRequest
+	6,  // 16: basalt.v1.VolumeService.GetVolumeStatus:input_type -> basalt.v1.GetVolumeRequest
+	13, // 17: basalt.v1.VolumeService.CreatePool:input_type -> basalt.v1.CreatePoolRequest
+	14, // 18: basalt.v1.VolumeService.ListPools:input_type -> basalt.v1.ListPoolsRequest
+	16, // 19: basalt.v1.VolumeService.DeletePool:input_type -> basalt.v1.DeletePoolRequest
+	0,  // 20: basalt.v1.VolumeService.FlattenVolume:input_type -> basalt.v1.FlattenVolumeRequest
+	1,  // 21: basalt.v1.VolumeService.CopyVolume:input_type -> basalt.v1.CopyVolumeRequest
+	3,  // 22: basalt.v1.VolumeService.CreateVolume:output_type -> basalt.v1.Volume
+	3,  // 23: basalt.v1.VolumeService.GetVolume:output_type -> basalt.v1.Volume
+	8,  // 24: basalt.v1.VolumeService.ListVolumes:output_type -> basalt.v1.ListVolumesResponse
+	10, // 25: basalt.v1.VolumeService.DeleteVolume:output_type -> basalt.v1.DeleteVolumeResponse
+	3,  // 26: basalt.v1.VolumeService.ResizeVolume:output_type -> basalt.v1.Volume
+	22, // 27: basalt.v1.VolumeService.ScrubVolume:output_type -> basalt.v1.ScrubVolumeResponse
+	18, // 28: basalt.v1.VolumeService.GetVolumeStatus:output_type -> basalt.v1.VolumeStatus
+	12, // 29: basalt.v1.VolumeService.CreatePool:output_type -> basalt.v1.Pool
+	15, // 30: basalt.v1.VolumeService.ListPools:output_type -> basalt.v1.ListPoolsResponse
+	17, // 31: basalt.v1.VolumeService.DeletePool:output_type -> basalt.v1.DeletePoolResponse
+	3,  // 32: basalt.v1.VolumeService.FlattenVolume:output_type -> basalt.v1.Volume
+	2,  // 33: basalt.v1.VolumeService.CopyVolume:output_type -> basalt.v1.CopyVolumeResponse
+	22, // [22:34] is the sub-list for method output_type
+	10, // [10:22] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_basalt_v1_volume_proto_init() }
@@ -1785,6 +1809,7 @@ func file_basalt_v1_volume_proto_init() {
 	if File_basalt_v1_volume_proto != nil {
 		return
 	}
+	file_basalt_v1_attachment_proto_init()
 	file_basalt_v1_checkpoint_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
