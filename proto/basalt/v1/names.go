@@ -37,3 +37,30 @@ func (v *Volume) CheckpointNamed(name string) *Checkpoint {
 	}
 	return nil
 }
+
+// AttachedExport is the NBD export name a host opens an attached volume with: the volume and the attachment
+// generation it was given ("VOLUME?generation=N"). Writes through the session carry the generation, and an
+// exclusive volume refuses them once its attachment has moved on (docs/fencing.md).
+func AttachedExport(volume string, generation uint64) string {
+	if generation == 0 {
+		return volume
+	}
+	return fmt.Sprintf("%s?generation=%d", volume, generation)
+}
+
+// ParseAttachedExport splits an export name made by AttachedExport; a name without "?generation=" has
+// generation 0.
+func ParseAttachedExport(export string) (volume string, generation uint64, err error) {
+	volume, gen, ok := strings.Cut(export, "?")
+	if !ok {
+		return export, 0, nil
+	}
+	num, ok := strings.CutPrefix(gen, "generation=")
+	if !ok {
+		return "", 0, fmt.Errorf("export %q: want VOLUME?generation=N", export)
+	}
+	if _, err := fmt.Sscan(num, &generation); err != nil || generation == 0 || fmt.Sprint(generation) != num {
+		return "", 0, fmt.Errorf("export %q: generation %q is not a positive number", export, num)
+	}
+	return volume, generation, nil
+}
