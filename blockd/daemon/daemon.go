@@ -117,7 +117,7 @@ func Wire(ctx context.Context, n *node.Node, c Config) (_ func(), err error) {
 		syscall.Kill(os.Getpid(), syscall.SIGTERM)
 	}
 	gw := &gateway.Gateway{OSD: o, View: v, Store: n.Store, Peers: peers, OpTimeout: c.OpTimeout, Log: n.Log.With("component", "gateway")}
-	basaltv1.RegisterBlockServiceServer(n.GRPC, &blockService{OSD: o, gw: gw})
+	basaltv1.RegisterBlockServiceServer(n.GRPC, &blockService{OSD: o, gw: gw, view: v})
 	bg.Add(3)
 	go func() { defer bg.Done(); o.Run(vctx) }()
 	go func() { defer bg.Done(); o.RunScrubber(vctx, c.ScrubInterval) }()

@@ -7,15 +7,31 @@ import (
 
 	"github.com/basalt-hv/basalt/blockd/gateway"
 	"github.com/basalt-hv/basalt/blockd/osd"
+	"github.com/basalt-hv/basalt/blockd/view"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
 // blockService is the node's BlockService: the OSD's calls, plus those answered through this node's gateway
-// (which depends on the OSD, so the OSD cannot serve them itself).
+// (which depends on the OSD, so the OSD cannot serve them itself) or its view.
 type blockService struct {
 	*osd.OSD
-	gw *gateway.Gateway
+	gw   *gateway.Gateway
+	view *view.View
+}
+
+// SyncView answers once this node's view is current with etcd revision `revision` and every write it admitted
+// under an older view has finished: from then on, this node admits no write the volume records at that
+// revision refuse (metad's barrier after an attach or a fence).
+func (b *blockService) SyncView(ctx context.Context, req *basaltv1.SyncViewRequest) (*basaltv1.SyncViewResponse, error) {
+	rev, err := b.view.WaitRevision(ctx, req.GetRevision())
+	if err != nil {
+		return nil, status.Errorf(codes.DeadlineExceeded, "%s: %v", b.ID(), err)
+	}
+	if err := b.DrainWrites(ctx); err != nil {
+		return nil, status.Errorf(codes.DeadlineExceeded, "%s: %v", b.ID(), err)
+	}
+	return &basaltv1.SyncViewResponse{Revision: rev}, nil
 }
 
 // changedWindow bounds how much of a volume one VolumeChanged call examines, and so the object operations it

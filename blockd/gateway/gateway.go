@@ -2,7 +2,9 @@
 // request at object boundaries, and sends each piece to the primary of its placement group — itself when it is
 // the primary, else another blockd over BlockService. A piece that meets a stale epoch, a node that is no longer
 // primary, a PG that is peering or a member that does not answer is retried once the cluster map has moved on,
-// until the operation's deadline; only then does the client see an error. It implements blockd/nbd's
+// until the operation's deadline; only then does the client see an error. A session opened as
+// "VOLUME?generation=N" carries N on every write, and a write the primary refuses for its generation (fenced,
+// docs/fencing.md) is never retried: the client sees EPERM at once. It implements blockd/nbd's
 // ExportSource and Backend, and depends on blockd/osd, blockd/view, blockd/nbd and the API types.
 package gateway
 
@@ -54,9 +56,18 @@ type Gateway struct {
 const viewLag = 10 * time.Second
 
 // Export describes a volume as an NBD export. "VOLUME@CHECKPOINT" names a checkpoint of a volume, exported
-// read-only with the size the volume had when it was taken.
+// read-only with the size the volume had when it was taken. "VOLUME?generation=N" is the volume opened by a
+// host it is attached to (basaltv1.AttachedExport): every write of the session carries N, and the primaries
+// refuse them once the volume's attachment has moved on (docs/fencing.md).
 func (g *Gateway) Export(ctx context.Context, name string) (*nbd.Export, error) {
-	volName, ckptName, atCheckpoint := strings.Cut(name, "@")
+	base, gen, err := basaltv1.ParseAttachedExport(name)
+	if err != nil {
+		return nil, fmt.Errorf("%v: %w", err, nbd.ErrInvalid)
+	}
+	volName, ckptName, atCheckpoint := strings.Cut(base, "@")
+	if atCheckpoint && gen != 0 {
+		return nil, fmt.Errorf("export %q: a checkpoint is read-only, so an attachment generation makes no sense on it (open %s): %w", name, base, nbd.ErrInvalid)
+	}
 	vol, err := g.volume(ctx, volName)
 	if err != nil {
 		return nil, err
@@ -72,7 +83,7 @@ func (g *Gateway) Export(ctx context.Context, name string) (*nbd.Export, error) 
 		// connection are covered by a flush on any other.
 		MultiConn: true,
 	}
-	backend := &volume{g: g, id: vol.GetId(), name: volName}
+	backend := &volume{g: g, id: vol.GetId(), name: volName, gen: gen}
 	if atCheckpoint {
 		ckpt := vol.CheckpointNamed(ckptName)
 		if ckpt == nil {
@@ -165,6 +176,9 @@ type volume struct {
 	id   uint64
 	name string
 	view uint32 // checkpoint number, 0 for the volume itself
+	gen  uint64 // attachment generation the session was opened with, 0 for none
+
+	fencedOnce sync.Once // the first refused write is logged, not every one
 }
 
 // Begin and End count the connections using the volume (nbd.SessionTracker), so that a revert can refuse an
@@ -240,17 +254,28 @@ func (v *volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 }
 
 func (v *volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	return each(pieces(off, int64(len(p))), func(pc piece) error {
-		_, err := v.g.op(ctx, v, pc, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_WRITE, Data: p[pc.at : pc.at+pc.length], Sync: fua})
+	return v.fenced(each(pieces(off, int64(len(p))), func(pc piece) error {
+		_, err := v.g.op(ctx, v, pc, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_WRITE, Data: p[pc.at : pc.at+pc.length], Sync: fua, AttachGeneration: v.gen})
 		return err
-	})
+	}))
 }
 
 func (v *volume) Trim(ctx context.Context, off, length int64, fua bool) error {
-	return each(pieces(off, length), func(pc piece) error {
-		_, err := v.g.op(ctx, v, pc, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_TRIM, Sync: fua})
+	return v.fenced(each(pieces(off, length), func(pc piece) error {
+		_, err := v.g.op(ctx, v, pc, &basaltv1.ClientOpRequest{Op: basaltv1.BlockOp_BLOCK_OP_TRIM, Sync: fua, AttachGeneration: v.gen})
 		return err
-	})
+	}))
+}
+
+// fenced logs the first write of the session that the primaries refused for its attachment generation: an
+// operator looking at a paused VM finds why here.
+func (v *volume) fenced(err error) error {
+	if errors.Is(err, nbd.ErrPermission) {
+		v.fencedOnce.Do(func() {
+			v.g.Log.Warn("writes refused: the session's attachment generation is no longer the volume's", "volume", v.name, "generation", v.gen, "err", err)
+		})
+	}
+	return err
 }
 
 // WriteZeroes trims (trimmed ranges read as zeros and free their space) unless the client wants the space kept,

@@ -137,7 +137,8 @@ type ExportSource interface {
 	// Export returns the export called name. The empty name is the
 	// client's request for a default export; the source may map it to one
 	// or return ErrNoSuchExport. For a name it does not know, it returns
-	// an error wrapping ErrNoSuchExport.
+	// an error wrapping ErrNoSuchExport; for a name it cannot accept as
+	// written, one wrapping ErrInvalid, whose message the client is shown.
 	Export(ctx context.Context, name string) (*Export, error)
 	// ExportNames lists the exports offered to NBD_OPT_LIST.
 	ExportNames(ctx context.Context) ([]string, error)

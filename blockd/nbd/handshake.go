@@ -160,6 +160,9 @@ func (c *conn) lookup(name string) (*Export, blockSizes, uint32, string) {
 		switch {
 		case errors.Is(err, ErrNoSuchExport):
 			return nil, blockSizes{}, repErrUnknown, fmt.Sprintf("export %q does not exist", name)
+		case errors.Is(err, ErrInvalid):
+			// A malformed name: the source's message says what is wrong with it.
+			return nil, blockSizes{}, repErrInvalid, err.Error()
 		case errors.Is(err, ErrShutdown) || c.ctx.Err() != nil:
 			return nil, blockSizes{}, repErrShutdown, "server is shutting down"
 		}

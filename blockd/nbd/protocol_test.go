@@ -918,3 +918,27 @@ func TestExportValidation(t *testing.T) {
 		}
 	}
 }
+
+// invalidNames refuses every name it does not hold with ErrInvalid, as a source that parses its names does.
+type invalidNames struct{ exportMap }
+
+func (s invalidNames) Export(ctx context.Context, name string) (*Export, error) {
+	if e, ok := s.exportMap[name]; ok {
+		return e, nil
+	}
+	return nil, fmt.Errorf("export %q: want VOLUME?generation=N: %w", name, ErrInvalid)
+}
+
+// TestOptGoInvalidName: a name the source cannot accept is NBD_REP_ERR_INVALID with the source's reason, so the
+// client learns what is wrong with it rather than that it does not exist.
+func TestOptGoInvalidName(t *testing.T) {
+	ts := startServer(t, &Server{Exports: invalidNames{exportMap{"disk": {Size: diskSize, Backend: newMemBackend(diskSize)}}}})
+	c := dialRaw(t, "tcp", ts.tcp)
+	c.greet(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	c.sendOpt(optGo, encodeInfoRequest("disk?generation=x"))
+	r := c.expectOptReply(optGo, repErrInvalid)
+	if !strings.Contains(string(r.data), "want VOLUME?generation=N") {
+		t.Errorf("message %q does not say what is wrong with the name", r.data)
+	}
+	c.negotiate2("disk")
+}

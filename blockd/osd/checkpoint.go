@@ -36,6 +36,12 @@ type checkpoints struct {
 	inflight map[uint64]int
 	// drained is closed when a volume's in-flight writes reach zero, for a prepare waiting on them.
 	drained map[uint64]chan struct{}
+
+	// Writes in flight are also counted by admission period, for DrainWrites (fencing's barrier): it starts a
+	// new period and waits for the older ones to empty. periodDone is closed when a waited-for period empties.
+	period     uint64
+	admitted   map[uint64]int
+	periodDone map[uint64]chan struct{}
 }
 
 type hold struct {
@@ -50,6 +56,9 @@ func newCheckpoints() *checkpoints {
 		holds:    map[uint64]*hold{},
 		inflight: map[uint64]int{},
 		drained:  map[uint64]chan struct{}{},
+
+		admitted:   map[uint64]int{},
+		periodDone: map[uint64]chan struct{}{},
 	}
 }
 
@@ -59,17 +68,38 @@ func errStaleLayer(vol uint64, have, got uint32) error {
 	return status.Errorf(codes.FailedPrecondition, "volume %d has checkpoint %d; the write was routed with checkpoint %d", vol, have, got)
 }
 
-// admitWrite waits while a checkpoint of the volume is being taken, refuses a write tagged with a superseded
-// checkpoint number, and counts the write in flight until the returned func is called.
-func (o *OSD) admitWrite(ctx context.Context, volID uint64, layer uint32) (func(), error) {
+// admitWrite decides whether a write to a volume may start: it refuses a write whose attachment generation the
+// volume no longer accepts (fence.go), waits while a checkpoint of the volume is being taken, refuses a write
+// tagged with a superseded checkpoint number, and counts the write in flight until the returned func is called.
+func (o *OSD) admitWrite(ctx context.Context, volID uint64, layer uint32, gen uint64) (func(), error) {
 	c := o.ckpt
+	internal := isInternal(ctx)
 	for {
 		changed := o.view.Changed()
+		// The volume is read under c.mu, which DrainWrites also takes after the view has caught up: a write
+		// either counts in a period DrainWrites waits for, or was decided on the newer view.
+		c.mu.Lock()
 		vol := o.view.VolumeByID(volID)
 		if vol == nil {
+			c.mu.Unlock()
 			return nil, status.Errorf(codes.NotFound, "volume %d does not exist", volID)
 		}
-		c.mu.Lock()
+		if !internal {
+			verdict, err := checkGeneration(vol, gen)
+			if verdict == refuse {
+				c.mu.Unlock()
+				return nil, err
+			}
+			if verdict == lagging {
+				c.mu.Unlock()
+				select {
+				case <-changed:
+				case <-ctx.Done():
+					return nil, status.Errorf(codes.Unavailable, "volume %q: attachment generation %d is newer than %s knows (%d): %v", vol.GetName(), gen, o.id, vol.GetAttachGeneration(), ctx.Err())
+				}
+				continue
+			}
+		}
 		known := max(vol.GetCheckpointSeq(), c.known[volID])
 		h := c.holds[volID]
 		if h != nil && known >= h.id {
@@ -89,8 +119,10 @@ func (o *OSD) admitWrite(ctx context.Context, volID uint64, layer uint32) (func(
 				c.known[volID] = layer
 			}
 			c.inflight[volID]++
+			period := c.period
+			c.admitted[period]++
 			c.mu.Unlock()
-			return func() { c.finish(volID) }, nil
+			return func() { c.finish(volID, period) }, nil
 		}
 		c.mu.Unlock()
 		if h != nil {
@@ -119,7 +151,7 @@ func (o *OSD) admitWrite(ctx context.Context, volID uint64, layer uint32) (func(
 	}
 }
 
-func (c *checkpoints) finish(volID uint64) {
+func (c *checkpoints) finish(volID, period uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.inflight[volID]--
@@ -128,6 +160,13 @@ func (c *checkpoints) finish(volID uint64) {
 		if ch := c.drained[volID]; ch != nil {
 			close(ch)
 			delete(c.drained, volID)
+		}
+	}
+	if c.admitted[period]--; c.admitted[period] == 0 {
+		delete(c.admitted, period)
+		if ch := c.periodDone[period]; ch != nil {
+			close(ch)
+			delete(c.periodDone, period)
 		}
 	}
 }

@@ -1,6 +1,7 @@
 // Package osd is a blockd's object service: it serves BlockService (proto/basalt/v1/blockd.proto) over the
-// node's local storage engine. As the primary of a placement group it orders client writes (one version per
-// write, objects locked while a write is replicated), replicates them to every member of the acting set and
+// node's local storage engine. As the primary of a placement group it admits a write only from a session of
+// the volume's current attachment (fence.go), orders client writes (one version per write, objects locked while
+// a write is replicated), replicates them to every member of the acting set and
 // answers only when all have them; it peers before serving a PG at a new epoch (pulling any newer object a
 // member holds) and pushes members that are behind up to date. As a member it applies what its primary
 // ordered, and refuses anything routed with a stale epoch or by a node that is not the primary. The rules and
@@ -316,7 +317,7 @@ func (o *OSD) ClientOp(ctx context.Context, req *basaltv1.ClientOpRequest) (*bas
 		if req.GetView() != 0 {
 			return nil, status.Errorf(codes.PermissionDenied, "checkpoints are read-only")
 		}
-		done, err := o.admitWrite(ctx, id.Volume, req.GetLayer())
+		done, err := o.admitWrite(ctx, id.Volume, req.GetLayer(), req.GetAttachGeneration())
 		if err != nil {
 			return nil, err
 		}

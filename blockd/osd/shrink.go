@@ -85,7 +85,8 @@ func (o *OSD) trimPastEnd(ctx context.Context, running *sync.Mutex) {
 				// Trimmed already (checkpoints may keep the old bytes in lower layers; the head hides them).
 				continue
 			}
-			_, err := o.ClientOp(ctx, &basaltv1.ClientOpRequest{
+			// Not a client's write: what lies past the end is no attachment's to guard.
+			_, err := o.ClientOp(internalWrite(ctx), &basaltv1.ClientOpRequest{
 				Epoch: m.GetEpoch(), Object: &basaltv1.ObjectRef{Volume: id.Volume, Index: id.Index},
 				Op: basaltv1.BlockOp_BLOCK_OP_TRIM, Offset: off, Length: engine.ObjectSize - off, Layer: vol.GetCheckpointSeq(),
 			})

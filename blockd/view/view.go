@@ -1,7 +1,8 @@
-// Package view is a blockd's picture of the cluster: the current cluster map and the volumes, kept in step with
-// etcd by watches. Readers get immutable snapshots (never modify what they return); writers are the watches
-// alone. Code that routed a request at one epoch can wait here for a newer one. It depends on metad's store,
-// schema and watch packages and the API types.
+// Package view is a blockd's picture of the cluster: the current cluster map and the volumes (with their
+// attachments), kept in step with etcd by watches. Readers get immutable snapshots (never modify what they
+// return); writers are the watches alone. Code that routed a request at one epoch can wait here for a newer one,
+// and metad's barriers (fencing) wait here for an etcd revision. It depends on metad's store, schema and watch
+// packages and the API types.
 package view
 
 import (
@@ -9,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"time"
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
 
@@ -28,38 +30,62 @@ type View struct {
 	mapSeen bool
 	volSeen bool
 	ready   chan struct{}
+
+	// mapRev and volRev are the etcd revisions up to which each watch has applied every change: the view is
+	// current as of the lower of the two. revChanged is closed and replaced whenever either moves; it is apart
+	// from changed so that progress alone does not wake everything that reacts to content.
+	mapRev, volRev int64
+	revChanged     chan struct{}
+	// progress asks etcd to report how far the watches have got (set by Run).
+	progress func()
 }
 
 // New returns an empty view; Run fills it.
 func New() *View {
 	return &View{
-		m:       &basaltv1.ClusterMap{},
-		byName:  map[string]*basaltv1.Volume{},
-		byID:    map[uint64]*basaltv1.Volume{},
-		changed: make(chan struct{}),
-		ready:   make(chan struct{}),
+		m:          &basaltv1.ClusterMap{},
+		byName:     map[string]*basaltv1.Volume{},
+		byID:       map[uint64]*basaltv1.Volume{},
+		changed:    make(chan struct{}),
+		ready:      make(chan struct{}),
+		revChanged: make(chan struct{}),
 	}
 }
 
 // Run watches the cluster map and the volumes until ctx ends.
 func (v *View) Run(ctx context.Context, s *store.Store, log *slog.Logger) {
+	v.mu.Lock()
+	v.progress = func() {
+		// The caller's context may be an RPC's; the request belongs to the watches, so it uses theirs.
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if err := watch.RequestProgress(pctx, s); err != nil && ctx.Err() == nil {
+			log.Debug("ask etcd for watch progress", "err", err)
+		}
+	}
+	v.mu.Unlock()
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		watch.Run[basaltv1.ClusterMap](ctx, s, schema.ClusterMap, watch.Handlers[*basaltv1.ClusterMap]{
-			Sync: func(rs []store.Record[*basaltv1.ClusterMap], _ int64) error {
+			Sync: func(rs []store.Record[*basaltv1.ClusterMap], rev int64) error {
 				for _, r := range rs {
 					if r.Key == schema.ClusterMap {
-						v.setMap(r.Value)
+						v.setMap(r.Value, rev)
 					}
 				}
+				v.advance(&v.mapRev, rev)
 				return nil
 			},
 			Put: func(r store.Record[*basaltv1.ClusterMap]) error {
 				if r.Key == schema.ClusterMap {
-					v.setMap(r.Value)
+					v.setMap(r.Value, r.ModRevision)
 				}
+				return nil
+			},
+			Progress: func(rev int64) error {
+				v.advance(&v.mapRev, rev)
 				return nil
 			},
 		}, log)
@@ -67,13 +93,14 @@ func (v *View) Run(ctx context.Context, s *store.Store, log *slog.Logger) {
 	go func() {
 		defer wg.Done()
 		watch.Run[basaltv1.Volume](ctx, s, schema.VolumesPrefix, watch.Handlers[*basaltv1.Volume]{
-			Sync: func(rs []store.Record[*basaltv1.Volume], _ int64) error {
+			Sync: func(rs []store.Record[*basaltv1.Volume], rev int64) error {
 				v.mu.Lock()
 				v.byName, v.byID = map[string]*basaltv1.Volume{}, map[uint64]*basaltv1.Volume{}
 				for _, r := range rs {
 					v.putVolumeLocked(r.Value)
 				}
 				v.volSeen = true
+				v.setRevLocked(&v.volRev, rev)
 				v.notifyLocked()
 				v.mu.Unlock()
 				return nil
@@ -84,19 +111,25 @@ func (v *View) Run(ctx context.Context, s *store.Store, log *slog.Logger) {
 					delete(v.byID, old.GetId())
 				}
 				v.putVolumeLocked(r.Value)
+				v.setRevLocked(&v.volRev, r.ModRevision)
 				v.notifyLocked()
 				v.mu.Unlock()
 				return nil
 			},
-			Delete: func(key string, _ int64) error {
+			Delete: func(key string, rev int64) error {
 				v.mu.Lock()
 				name := schema.IDFromKey(schema.VolumesPrefix, key)
 				if old := v.byName[name]; old != nil {
 					delete(v.byID, old.GetId())
 					delete(v.byName, name)
 				}
+				v.setRevLocked(&v.volRev, rev)
 				v.notifyLocked()
 				v.mu.Unlock()
+				return nil
+			},
+			Progress: func(rev int64) error {
+				v.advance(&v.volRev, rev)
 				return nil
 			},
 		}, log)
@@ -110,9 +143,10 @@ func (v *View) putVolumeLocked(vol *basaltv1.Volume) {
 	v.maxID = max(v.maxID, vol.GetId())
 }
 
-func (v *View) setMap(m *basaltv1.ClusterMap) {
+func (v *View) setMap(m *basaltv1.ClusterMap, rev int64) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	v.setRevLocked(&v.mapRev, rev)
 	// Watches deliver in revision order, so epochs only grow; the check guards a resync racing an event.
 	if m.GetEpoch() < v.m.GetEpoch() {
 		return
@@ -120,6 +154,24 @@ func (v *View) setMap(m *basaltv1.ClusterMap) {
 	v.m = m
 	v.mapSeen = true
 	v.notifyLocked()
+}
+
+// advance records that one watch has applied everything up to rev.
+func (v *View) advance(watchRev *int64, rev int64) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.setRevLocked(watchRev, rev)
+}
+
+// setRevLocked moves one watch's revision forward (a resync lists at a revision, never below what was applied),
+// and wakes whoever waits for a revision.
+func (v *View) setRevLocked(watchRev *int64, rev int64) {
+	if rev <= *watchRev {
+		return
+	}
+	*watchRev = rev
+	close(v.revChanged)
+	v.revChanged = make(chan struct{})
 }
 
 func (v *View) notifyLocked() {
@@ -190,6 +242,43 @@ func (v *View) WaitEpoch(ctx context.Context, e uint64) (*basaltv1.ClusterMap, e
 		case <-ctx.Done():
 			return nil, fmt.Errorf("wait for cluster map epoch %d (have %d): %w", e, m.GetEpoch(), ctx.Err())
 		case <-ch:
+		}
+	}
+}
+
+// Revision is the etcd revision the view is current with: every change to the map and the volumes up to it
+// has been applied. 0 until both have been read.
+func (v *View) Revision() int64 {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return min(v.mapRev, v.volRev)
+}
+
+// progressEvery is how often WaitRevision asks etcd how far the watches have got while it waits: nothing may
+// change under the watched keys for a long time, and only etcd can say that nothing did.
+const progressEvery = 100 * time.Millisecond
+
+// WaitRevision waits until the view is current with etcd revision rev (or newer) and returns the revision it
+// is current with. After it returns, every volume record (and its attachments) written at or before rev is in
+// the view.
+func (v *View) WaitRevision(ctx context.Context, rev int64) (int64, error) {
+	var asked time.Time
+	for {
+		v.mu.RLock()
+		have, ch, progress := min(v.mapRev, v.volRev), v.revChanged, v.progress
+		v.mu.RUnlock()
+		if have >= rev {
+			return have, nil
+		}
+		if progress != nil && time.Since(asked) >= progressEvery {
+			progress()
+			asked = time.Now()
+		}
+		select {
+		case <-ch:
+		case <-time.After(progressEvery):
+		case <-ctx.Done():
+			return have, fmt.Errorf("wait for etcd revision %d (the view is at %d): %w", rev, have, ctx.Err())
 		}
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"log/slog"
 	"net"
-	"strings"
 	"testing"
 	"time"
 
@@ -42,24 +41,6 @@ func serve(t *testing.T) (*grpc.ClientConn, *store.Store) {
 	}
 	t.Cleanup(func() { c.Close() })
 	return c, s
-}
-
-func TestUnbuiltServicesSayWhatIsMissing(t *testing.T) {
-	c, _ := serve(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	calls := map[string]func() error{
-		"fencing": func() error {
-			_, err := basaltv1.NewAttachmentServiceClient(c).Attach(ctx, &basaltv1.AttachRequest{})
-			return err
-		},
-	}
-	for want, call := range calls {
-		err := call()
-		if status.Code(err) != codes.Unimplemented || !strings.Contains(status.Convert(err).Message(), want) {
-			t.Errorf("got %v; want Unimplemented naming %q", err, want)
-		}
-	}
 }
 
 func TestClusterService(t *testing.T) {

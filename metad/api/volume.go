@@ -228,28 +228,35 @@ func (v *VolumeServer) DeleteVolume(ctx context.Context, r *basaltv1.DeleteVolum
 // node holds data past the new end, or if a storage node cannot be asked; the data past the end is then
 // trimmed by the PGs' primaries.
 func (v *VolumeServer) ResizeVolume(ctx context.Context, r *basaltv1.ResizeVolumeRequest) (*basaltv1.Volume, error) {
-	rec, err := v.get(ctx, r.GetName())
-	if err != nil {
-		return nil, err
-	}
-	vol := rec.Value
-	size := r.GetSizeBytes()
-	if size == 0 || size > MaxVolumeSize || size%uint64(vol.GetSectorSize()) != 0 {
-		return nil, invalid("size %d: want a multiple of the %d-byte sector size between %d and %d (1 EiB)", size, vol.GetSectorSize(), vol.GetSectorSize(), uint64(MaxVolumeSize))
-	}
-	if size < vol.GetSizeBytes() && !r.GetForce() {
-		if err := v.checkNoDataFrom(ctx, vol, size); err != nil {
+	// The record has other writers (attachments change at every VM start and migration): a resize that lost the
+	// race reads it again and decides again.
+	for {
+		rec, err := v.get(ctx, r.GetName())
+		if err != nil {
 			return nil, err
 		}
+		vol := rec.Value
+		size := r.GetSizeBytes()
+		if size == 0 || size > MaxVolumeSize || size%uint64(vol.GetSectorSize()) != 0 {
+			return nil, invalid("size %d: want a multiple of the %d-byte sector size between %d and %d (1 EiB)", size, vol.GetSectorSize(), vol.GetSectorSize(), uint64(MaxVolumeSize))
+		}
+		if size < vol.GetSizeBytes() && !r.GetForce() {
+			if err := v.checkNoDataFrom(ctx, vol, size); err != nil {
+				return nil, err
+			}
+		}
+		vol.SizeBytes = size
+		vol.Revision = 0
+		rev, err := v.Store.Update(ctx, rec.Key, vol, rec.ModRevision)
+		if errors.Is(err, store.ErrConflict) {
+			continue
+		}
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		vol.Revision = rev
+		return vol, nil
 	}
-	vol.SizeBytes = size
-	vol.Revision = 0
-	rev, err := v.Store.Update(ctx, rec.Key, vol, rec.ModRevision)
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	vol.Revision = rev
-	return vol, nil
 }
 
 // GetVolumeStatus computes the health of the volume's placement groups from the current cluster map.

@@ -121,6 +121,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		EmbeddedEtcd:  embedded,
 		MetadID:       c.Node.ID,
 		Version:       buildinfo.Version(),
+		Log:           log,
 	})
 	if err := n.Serve(ctx); err != nil {
 		return err

@@ -25,6 +25,18 @@ type Handlers[P proto.Message] struct {
 	Put func(r store.Record[P]) error
 	// Delete is a removed key (deleted, or its lease expired).
 	Delete func(key string, rev int64) error
+	// Progress says that every change under the prefix up to revision rev has been delivered, though nothing
+	// changed there: etcd's answer to RequestProgress. Optional.
+	Progress func(rev int64) error
+}
+
+// RequestProgress asks etcd to tell every watch that Run has open on s's client how far it has got; each
+// calls its Handlers.Progress with that revision. etcd answers only once all those watches have caught up
+// with it, so a caller waiting for a revision asks again until it sees it.
+func RequestProgress(ctx context.Context, s *store.Store) error {
+	// The request reaches only the watches of one gRPC stream, which the client picks by the context's
+	// metadata: it must be decorated as follow decorates its watches.
+	return s.Client.RequestProgress(clientv3.WithRequireLeader(ctx))
 }
 
 // Run watches prefix until ctx ends (returning ctx.Err()) or a handler fails.
@@ -76,6 +88,14 @@ func follow[M any, P store.Message[M]](ctx context.Context, s *store.Store, pref
 	for resp := range s.Client.Watch(wctx, prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1)) {
 		if err := resp.Err(); err != nil {
 			return fmt.Errorf("watch %s from revision %d: %w", prefix, rev+1, err)
+		}
+		if resp.IsProgressNotify() {
+			if h.Progress != nil {
+				if err := h.Progress(resp.Header.GetRevision()); err != nil {
+					return handlerError{err}
+				}
+			}
+			continue
 		}
 		for _, ev := range resp.Events {
 			switch ev.Type {

@@ -85,6 +85,7 @@ from --endpoint, else $BASALT_ENDPOINT, else the client config that 'basalt up' 
 	root.AddCommand(a.backupCmd())
 	root.AddCommand(a.vmCmd())
 	root.AddCommand(a.hostCmd())
+	a.addAttachmentCmds(root)
 	// Unknown subcommands are usage errors too; cobra reports them from Args validation.
 	root.Args = func(cmd *cobra.Command, args []string) error {
 		if len(args) > 0 {
