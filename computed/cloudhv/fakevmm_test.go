@@ -40,6 +40,7 @@ type fakeVMM struct {
 	maxRAM  uint64 // size + hotplug_size when the VM was created
 	nextBDF int
 	serial  net.Listener
+	reboots int
 }
 
 func newFakeVMM(exit func()) *fakeVMM {
@@ -96,6 +97,11 @@ func (f *fakeVMM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fail(w, http.StatusBadRequest, "%v", err)
 			return
 		}
+		if cfg.Console != nil && cfg.Console.Mode == ConsoleSocket {
+			// The document allows it; Cloud Hypervisor does not (vmm/src/console_devices.rs).
+			fail(w, http.StatusInternalServerError, "Error creating VM: CreateConsoleDevices(NoSocketOptionSupportForConsoleDevice)")
+			return
+		}
 		if err := f.openSerial(cfg); err != nil {
 			fail(w, http.StatusInternalServerError, "Error creating VM: CreateConsoleDevices: %v", err)
 			return
@@ -146,6 +152,10 @@ func (f *fakeVMM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		f.state = VMStateRunning
+		f.reboots++
+		if f.record != nil {
+			f.record("reboot", fmt.Appendf(nil, "%d", f.reboots))
+		}
 		w.WriteHeader(http.StatusNoContent)
 	case "vm.power-button":
 		if !booted {

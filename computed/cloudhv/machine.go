@@ -501,6 +501,9 @@ func (m *Machine) Migrate(ctx context.Context, uri string, opts hypervisor.Migra
 	if opts.Compress {
 		return hypervisor.MigrationStatus{}, fmt.Errorf("cloudhv: migrating %s: stream compression: %w (Cloud Hypervisor's send-migration has no compression setting)", m.spec.ID, errors.ErrUnsupported)
 	}
+	if opts.BeforeSwitchover != nil {
+		return hypervisor.MigrationStatus{}, fmt.Errorf("cloudhv: migrating %s: a hook before the switchover: %w (send-migration cannot pause between the source's last and the destination's first instruction)", m.spec.ID, errors.ErrUnsupported)
+	}
 	if opts.BandwidthBytes != 0 {
 		return hypervisor.MigrationStatus{}, fmt.Errorf("cloudhv: migrating %s: bandwidth limit: %w (Cloud Hypervisor's send-migration has no bandwidth setting)", m.spec.ID, errors.ErrUnsupported)
 	}

@@ -1,7 +1,8 @@
 // Package daemon wires a computed process: the hypervisor driver chosen by --hypervisor, the VM host
-// (computed/vmhost) that reconciles the VMs assigned to this node, its ComputeService on the node's gRPC server,
-// and the Prometheus metrics endpoint. computed/cmd/computed only parses flags into a Config and hands Wire to
-// the node runtime. It depends on computed/vmhost, the drivers and internal/node.
+// (computed/vmhost) that reconciles the VMs assigned to this node and attaches their volumes (metad/attach), its
+// ComputeService on the node's gRPC server, this node's replica of the HA controller (computed/ha), and the
+// Prometheus metrics endpoint. computed/cmd/computed only parses flags into a Config and hands Wire to
+// the node runtime. It depends on computed/vmhost, computed/ha, the drivers, metad/attach and metad/api, and internal/node.
 package daemon
 
 import (
@@ -24,10 +25,14 @@ import (
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
 
 	"github.com/basalt-hv/basalt/computed/cloudhv"
+	"github.com/basalt-hv/basalt/computed/ha"
 	"github.com/basalt-hv/basalt/computed/hypervisor"
 	"github.com/basalt-hv/basalt/computed/qemu"
 	"github.com/basalt-hv/basalt/computed/vmhost"
+	"github.com/basalt-hv/basalt/internal/blockrpc"
 	"github.com/basalt-hv/basalt/internal/node"
+	"github.com/basalt-hv/basalt/metad/api"
+	"github.com/basalt-hv/basalt/metad/attach"
 )
 
 // Config is computed's own configuration.
@@ -54,6 +59,10 @@ type Config struct {
 	// QEMUAccel forces kvm or tcg; empty probes. QEMUStateDir keeps the probe's result.
 	QEMUAccel    string
 	QEMUStateDir string
+	// HA runs this computed's replica of the HA controller (computed/ha); HADaemonGrace is how long a host
+	// whose computed alone is down keeps its VMs.
+	HA            bool
+	HADaemonGrace time.Duration
 }
 
 // Flags registers computed's flags.
@@ -79,6 +88,8 @@ func (c *Config) Flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.MetricsListen, "metrics-listen", "", "host:port to serve VM metrics on (/metrics, Prometheus text format); empty: off")
 	fs.StringVar(&c.QEMUAccel, "qemu-accel", "", "QEMU accelerator: kvm or tcg (default: probe whether KVM boots guests here)")
 	fs.StringVar(&c.QEMUStateDir, "qemu-state-dir", "", "where the QEMU driver keeps its accelerator probe result (default: the user cache directory)")
+	fs.BoolVar(&c.HA, "ha", true, "take part in the HA controller's election: the leader fences failed hosts and restarts their VMs elsewhere (docs/ha.md)")
+	fs.DurationVar(&c.HADaemonGrace, "ha-daemon-grace", 60*time.Second, "how long a host whose computed is down but whose blockd is up keeps its VMs before HA moves them")
 }
 
 // Daemon is computed's description for the node runtime.
@@ -132,14 +143,24 @@ func Wire(ctx context.Context, n *node.Node, c Config) (func(), error) {
 		}
 		migHost = host
 	}
+	peers := blockrpc.NewPeers()
+	attacher := &attach.Client{Store: n.Store, Peers: peers, Log: n.Log.With("component", "attach")}
 	h, err := vmhost.New(vmhost.Config{
 		NodeID: n.Config.ID, Store: n.Store, Driver: drv, RunDir: runDir, BlockdSocket: c.BlockdSocket,
 		MemoryBytes: mem, VCPUs: c.VCPUs, NetdNode: c.NetdNode, MigrationHost: migHost,
 		MaxMigrations: c.MaxMigrations, ConsoleLogBytes: int64(c.ConsoleLogBytes), Accel: accel,
-		Log: n.Log.With("component", "vmhost"),
+		Attacher: attacher, LeaseTTL: n.Config.LeaseTTL, Log: n.Log.With("component", "vmhost"),
 	})
 	if err != nil {
 		return nil, err
+	}
+	var ctrl *ha.Controller
+	if c.HA {
+		ctrl, err = ha.New(ha.Config{Candidate: n.Config.ID, Store: n.Store, VMs: api.NewVMServer(n.Store, peers), Fencer: attacher,
+			ElectionTTL: n.Config.LeaseTTL, DaemonGrace: c.HADaemonGrace, Log: n.Log.With("component", "ha")})
+		if err != nil {
+			return nil, err
+		}
 	}
 	basaltv1.RegisterComputeServiceServer(n.GRPC, h.Service())
 
@@ -168,7 +189,11 @@ func Wire(ctx context.Context, n *node.Node, c Config) (func(), error) {
 			syscall.Kill(os.Getpid(), syscall.SIGTERM)
 		}
 	}()
-	n.Log.Info("computed ready", "hypervisor", drv.Name(), "run_dir", runDir, "memory", mem, "migration_host", migHost)
+	if ctrl != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); ctrl.Run(rctx) }()
+	}
+	n.Log.Info("computed ready", "hypervisor", drv.Name(), "run_dir", runDir, "memory", mem, "migration_host", migHost, "ha", c.HA)
 	return func() {
 		cancel()
 		wg.Wait()

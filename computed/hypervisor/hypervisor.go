@@ -1,6 +1,6 @@
 // Package hypervisor is the seam between computed and the programs that run guests. It defines what a driver
-// must do (start a machine from a Spec, find it again after computed restarts, stop, pause, migrate, resize and
-// meter it) and nothing about how; the qemu and cloudhv packages implement it. It depends on the standard
+// must do (start a machine from a Spec, find it again after computed restarts, stop, pause, reset, migrate,
+// resize and meter it, and reach its guest agent) and nothing about how; the qemu and cloudhv packages implement it. It depends on the standard
 // library only, so drivers and computed can both import it.
 package hypervisor
 
@@ -60,7 +60,15 @@ type Spec struct {
 	Cmdline   string
 	// RunDir holds the machine's control sockets, pid file and console log; the driver creates it.
 	RunDir string
+	// Agent gives the guest a channel to a guest agent, which the guest sees as a port named AgentPort and the
+	// host reaches through Machine.Agent. VM monitoring reads the agent's heartbeat from it. It is part of the
+	// machine's device layout: a migration's two ends must agree on it.
+	Agent bool
 }
+
+// AgentPort is the name under which the guest finds its agent channel (a virtio-serial port; Linux lists it in
+// /sys/class/virtio-ports/*/name).
+const AgentPort = "org.basalt.agent.0"
 
 // State is what a machine is doing.
 type State string
@@ -107,6 +115,17 @@ type MigrateOptions struct {
 	BandwidthBytes uint64
 	// MaxDowntime is the longest pause the switchover may cause; 0 means the driver's default.
 	MaxDowntime time.Duration
+	// BeforeSwitchover, if set, is called once, after the guest has stopped on the source for the last time
+	// (its disk writes flushed) and before the destination may run it: the moment a disk's attachment
+	// generation moves to the destination (docs/fencing.md). An error cancels the migration and the guest
+	// runs on here. Only drivers that implement SwitchoverPauser with true honour it; others refuse it.
+	BeforeSwitchover func(ctx context.Context) error
+}
+
+// SwitchoverPauser is implemented by drivers whose Migrate can stop between the source's last guest
+// instruction and the destination's first, and call MigrateOptions.BeforeSwitchover there.
+type SwitchoverPauser interface {
+	PausesBeforeSwitchover() bool
 }
 
 // MigrationStatus is a migration's progress.
@@ -122,6 +141,10 @@ type MigrationStatus struct {
 
 // ErrNotFound means no machine with that ID runs on this host.
 var ErrNotFound = errors.New("machine not found")
+
+// ErrNoAgent means a machine has no agent channel: it was started without Spec.Agent, or its driver cannot
+// give it one (the error then also wraps errors.ErrUnsupported).
+var ErrNoAgent = errors.New("machine has no agent channel")
 
 // Driver starts and finds machines of one hypervisor.
 type Driver interface {
@@ -158,6 +181,13 @@ type Machine interface {
 	// Console opens the guest's serial console. There is one such stream per machine; computed multiplexes it
 	// to viewers and to the console log.
 	Console(ctx context.Context) (io.ReadWriteCloser, error)
+	// Agent opens the host end of the guest agent channel (Spec.Agent); ErrNoAgent if the machine has none.
+	// Like Console, one stream at a time: a second call fails until the first stream is closed. Nothing the
+	// guest sends while no stream is open is kept for the next one.
+	Agent(ctx context.Context) (io.ReadWriteCloser, error)
+	// Reset is a hard reset of the guest (the reset button: no guest cooperation, memory and devices start
+	// over); the hypervisor process, its sockets and open streams stay.
+	Reset(ctx context.Context) error
 	// Migrate sends the machine's memory and device state to uri (from the destination's StartIncoming) and
 	// returns once the migration has completed, failed or been cancelled; progress is called periodically. On
 	// success the source machine is left stopped; on failure it keeps running here.

@@ -15,7 +15,7 @@ import (
 
 // paths are a machine's files in its run directory.
 type paths struct {
-	dir, qmp, console, pid, log, vars string
+	dir, qmp, console, agent, pid, log, vars string
 }
 
 func runPaths(dir string) paths {
@@ -23,6 +23,7 @@ func runPaths(dir string) paths {
 		dir:     dir,
 		qmp:     filepath.Join(dir, "qmp.sock"),
 		console: filepath.Join(dir, "console.sock"),
+		agent:   filepath.Join(dir, "agent.sock"),
 		pid:     filepath.Join(dir, "qemu.pid"),
 		log:     filepath.Join(dir, "qemu.log"),
 		vars:    filepath.Join(dir, "OVMF_VARS.fd"),
@@ -159,6 +160,13 @@ func diskDevID(id string) string { return "disk-" + id }
 func nicDevID(id string) string  { return "nic-" + id }
 func netdevID(id string) string  { return "net-" + id }
 func portID(i int) string        { return fmt.Sprintf("port%d", i) }
+
+// The agent channel's QEMU ids: its chardev, the virtio-serial controller and the port on it.
+const (
+	agentChardevID = "agent0"
+	agentBusID     = "agent-serial"
+	agentDevID     = "agent0"
+)
 
 // nodeName is the block node of a disk. Node names are limited to 31 characters, so long ids are hashed.
 func nodeName(id string) string {
@@ -320,6 +328,9 @@ func buildArgs(s hypervisor.Spec, p paths, a launchArgs) []string {
 		"-global", "ICH9-LPC.disable_s3=1", "-global", "ICH9-LPC.disable_s4=1",
 		"-device", jsonArg(map[string]any{"driver": "virtio-balloon-pci", "id": "balloon0", "bus": "pcie.0"}),
 	}
+	if s.Agent {
+		args = append(args, agentArgs(p)...)
+	}
 	if a.fw.code != "" {
 		args = append(args,
 			"-blockdev", jsonArg(map[string]any{"driver": "file", "node-name": "fw-code", "filename": a.fw.code, "read-only": true}),
@@ -363,6 +374,22 @@ func buildArgs(s hypervisor.Spec, p paths, a launchArgs) []string {
 		args = append(args, "-incoming", "defer")
 	}
 	return args
+}
+
+// agentArgs give the guest its agent channel: a virtio-serial controller with one port named
+// hypervisor.AgentPort, on a socket computed connects to like the console's (server, no wait: with nobody
+// connected QEMU tells the guest the host end is closed, and the guest's writes fail instead of piling up).
+// The controller is a fixed device on pcie.0, placed automatically below portSlot after the balloon, so the
+// root ports and what sits on them are where they are without it; the layout digest lists it (see
+// portLayout), so a migration between a machine with and one without the channel is refused up front.
+func agentArgs(p paths) []string {
+	return []string{
+		"-chardev", "socket,id=" + agentChardevID + ",path=" + opt(p.agent) + ",server=on,wait=off",
+		"-device", jsonArg(map[string]any{"driver": "virtio-serial-pci", "id": agentBusID, "bus": "pcie.0",
+			"max_ports": 2}), // port 0 is reserved for a virtconsole; ours is port 1
+		"-device", jsonArg(map[string]any{"driver": "virtserialport", "id": agentDevID, "bus": agentBusID + ".0",
+			"chardev": agentChardevID, "name": hypervisor.AgentPort}),
+	}
 }
 
 // maxMemory is the guest's RAM as QEMU sizes it: the balloon can only take memory back from it.

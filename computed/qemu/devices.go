@@ -14,40 +14,58 @@ import (
 	"github.com/basalt-hv/basalt/computed/qemu/qmp"
 )
 
-// portLayout is which device sits on each root port, read from QEMU's object tree (the one truth, also for a
-// machine found after a restart, and also before the guest's firmware has numbered the buses, which
-// query-pci would need). Entries are "<device id>:<driver>", empty for a free port.
+// portLayout is the machine's device layout as a migration's two ends must share it: which device sits on each
+// root port, then the optional devices the driver adds outside the ports (the agent channel). It is read from
+// QEMU's object tree (the one truth, also for a machine found after a restart, and also before the guest's
+// firmware has numbered the buses, which query-pci would need). Entries are "<device id>:<driver>", empty for a
+// free port.
 func (m *machine) portLayout(ctx context.Context) ([]string, error) {
-	var children []struct{ Name, Type string }
-	if err := m.qmp.Execute(ctx, "qom-list", map[string]any{"path": "/machine/peripheral"}, &children); err != nil {
+	ports, fixed, err := m.deviceLayout(ctx)
+	if err != nil {
 		return nil, err
 	}
-	ports := 0
+	return append(ports, fixed...), nil
+}
+
+// deviceLayout returns the root ports' layout (one entry per port) and the optional fixed devices present.
+func (m *machine) deviceLayout(ctx context.Context) (ports, fixed []string, err error) {
+	var children []struct{ Name, Type string }
+	if err := m.qmp.Execute(ctx, "qom-list", map[string]any{"path": "/machine/peripheral"}, &children); err != nil {
+		return nil, nil, err
+	}
+	n := 0
 	for _, c := range children {
 		if strings.HasPrefix(c.Name, "port") && c.Type == "child<pcie-root-port>" {
-			ports++
+			n++
 		}
 	}
-	layout := make([]string, ports)
+	ports = make([]string, n)
 	for _, c := range children {
 		driver, ok := strings.CutPrefix(c.Type, "child<")
-		if !ok || !(strings.HasPrefix(c.Name, "disk-") || strings.HasPrefix(c.Name, "nic-")) {
+		if !ok {
 			continue
 		}
 		driver = strings.TrimSuffix(driver, ">")
+		if c.Name == agentDevID {
+			fixed = append(fixed, c.Name+":"+driver)
+			continue
+		}
+		if !(strings.HasPrefix(c.Name, "disk-") || strings.HasPrefix(c.Name, "nic-")) {
+			continue
+		}
 		var bus string
 		if err := m.qmp.Execute(ctx, "qom-get", map[string]any{"path": "/machine/peripheral/" + c.Name, "property": "parent_bus"}, &bus); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		// The bus of root port portN is /machine/peripheral/portN/portN.
 		parts := strings.Split(bus, "/")
-		n, err := strconv.Atoi(strings.TrimPrefix(parts[len(parts)-1], "port"))
-		if err != nil || n < 0 || n >= ports {
-			return nil, fmt.Errorf("device %s sits on bus %s, not on one of the %d root ports", c.Name, bus, ports)
+		i, err := strconv.Atoi(strings.TrimPrefix(parts[len(parts)-1], "port"))
+		if err != nil || i < 0 || i >= n {
+			return nil, nil, fmt.Errorf("device %s sits on bus %s, not on one of the %d root ports", c.Name, bus, n)
 		}
-		layout[n] = c.Name + ":" + driver
+		ports[i] = c.Name + ":" + driver
 	}
-	return layout, nil
+	return ports, fixed, nil
 }
 
 // layoutDigest is a short fingerprint of a port layout, for comparing a migration's two ends.
@@ -58,7 +76,7 @@ func layoutDigest(layout []string) string {
 
 // freePort picks the lowest free root port.
 func (m *machine) freePort(ctx context.Context, devID string) (int, error) {
-	layout, err := m.portLayout(ctx)
+	layout, _, err := m.deviceLayout(ctx)
 	if err != nil {
 		return 0, err
 	}

@@ -5,8 +5,8 @@
 // it can boot guests here, TCG otherwise (see Accel). It depends on the standard library, golang.org/x/sys/unix,
 // computed/hypervisor and computed/qemu/qmp.
 //
-// Everything about one machine lives in Spec.RunDir: the QMP socket, the serial console socket, QEMU's pid file
-// and log, and the UEFI variable store. That directory is how Find gets back to a machine after computed
+// Everything about one machine lives in Spec.RunDir: the QMP socket, the serial console socket, the guest agent
+// channel's socket (Spec.Agent), QEMU's pid file and log, and the UEFI variable store. That directory is how Find gets back to a machine after computed
 // restarts.
 package qemu
 
@@ -96,6 +96,10 @@ func New(cfg Config) (*Driver, error) {
 
 // Name is "qemu".
 func (d *Driver) Name() string { return "qemu" }
+
+// PausesBeforeSwitchover: QEMU's pause-before-switchover capability stops the migration where
+// MigrateOptions.BeforeSwitchover runs.
+func (d *Driver) PausesBeforeSwitchover() bool { return true }
 
 // tcgCPU is the CPU model under TCG.
 func (d *Driver) tcgCPU() string {

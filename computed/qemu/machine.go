@@ -26,8 +26,12 @@ type machine struct {
 	qmp   *qmp.Client
 	accel string
 
+	// hasAgent says the machine has an agent channel (read from QEMU's device tree, so also for a found one).
+	hasAgent bool
+
 	mu          sync.Mutex
 	consoleOpen bool
+	agentOpen   bool
 	closed      bool
 
 	// migrating serialises Migrate calls: QEMU runs one outgoing migration at a time.
@@ -54,7 +58,7 @@ func (d *Driver) launch(ctx context.Context, spec hypervisor.Spec, incoming bool
 	if err := checkNotRunning(p); err != nil {
 		return nil, fmt.Errorf("qemu: machine %s: %w", spec.ID, err)
 	}
-	for _, f := range []string{p.qmp, p.console, p.pid} {
+	for _, f := range []string{p.qmp, p.console, p.agent, p.pid} {
 		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("qemu: machine %s: remove stale %s: %w", spec.ID, f, err)
 		}
@@ -215,7 +219,12 @@ func (d *Driver) attach(ctx context.Context, spec hypervisor.Spec, proc *process
 	if kvm.Enabled {
 		accel = "kvm"
 	}
-	return &machine{d: d, spec: spec, paths: p, proc: proc, qmp: c, accel: accel}, nil
+	m := &machine{d: d, spec: spec, paths: p, proc: proc, qmp: c, accel: accel}
+	// Find's spec need not say whether the machine was started with an agent channel; QEMU knows.
+	if m.hasAgent, err = m.devicePresent(ctx, agentDevID); err != nil {
+		return fail(err)
+	}
+	return m, nil
 }
 
 func (m *machine) ID() string { return m.spec.ID }

@@ -2,11 +2,13 @@ package qemu
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/basalt-hv/basalt/computed/hypervisor"
@@ -184,6 +186,9 @@ func (m *machine) Migrate(ctx context.Context, uri string, opts hypervisor.Migra
 		// throttles the vCPUs progressively until the remainder fits the downtime limit.
 		{"capability": "auto-converge", "state": true},
 		{"capability": "multifd", "state": opts.Compress},
+		// QEMU stops in "pre-switchover" with the guest stopped and its disks flushed, before the device state
+		// goes out, until migrate-continue: the moment the disks' attachment generation moves.
+		{"capability": "pause-before-switchover", "state": opts.BeforeSwitchover != nil},
 	}
 	if err := m.qmp.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": caps}, nil); err != nil {
 		return hypervisor.MigrationStatus{}, m.errf(err, "migrate: set capabilities")
@@ -203,12 +208,19 @@ func (m *machine) Migrate(ctx context.Context, uri string, opts hypervisor.Migra
 	if err := m.qmp.Execute(ctx, "migrate-set-parameters", mp, nil); err != nil {
 		return hypervisor.MigrationStatus{}, m.errf(err, "migrate: set parameters")
 	}
+	sw := &switchover{m: m, hook: opts.BeforeSwitchover}
+	if sw.hook != nil {
+		// Subscribed before the migration starts, so the event cannot be missed; the poll below is the backstop.
+		sub := m.qmp.Subscribe("MIGRATION")
+		defer sub.Close()
+		go sw.watch(ctx, sub)
+	}
 	if err := m.qmp.Execute(ctx, "migrate", map[string]any{"uri": target}, nil); err != nil {
 		return hypervisor.MigrationStatus{}, m.errf(err, "migrate to %s", target)
 	}
 	m.d.log.Info("qemu migration started", "id", m.spec.ID, "to", target, "compress", compress)
 
-	final, err := m.followMigration(ctx, progress)
+	final, err := m.followMigration(ctx, progress, sw)
 	if err == nil && final.Status == "completed" {
 		m.d.log.Info("qemu migration completed", "id", m.spec.ID, "to", target, "downtime_ms", final.Downtime,
 			"total_ms", final.TotalTime)
@@ -221,6 +233,9 @@ func (m *machine) Migrate(ctx context.Context, uri string, opts hypervisor.Migra
 		return final.status(), err
 	}
 	desc := final.ErrorDesc
+	if herr := sw.failed(); herr != nil {
+		desc = "before the switchover: " + herr.Error()
+	}
 	if desc == "" {
 		desc = "no reason given"
 	}
@@ -251,7 +266,7 @@ func (m *machine) ensureRunning(ctx context.Context) {
 
 // followMigration polls query-migrate until the migration ends, reporting progress. If ctx ends first, it
 // cancels the migration and waits for QEMU to confirm, so that the caller knows where the guest runs.
-func (m *machine) followMigration(ctx context.Context, progress func(hypervisor.MigrationStatus)) (migrationInfo, error) {
+func (m *machine) followMigration(ctx context.Context, progress func(hypervisor.MigrationStatus), sw *switchover) (migrationInfo, error) {
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -264,6 +279,9 @@ func (m *machine) followMigration(ctx context.Context, progress func(hypervisor.
 		}
 		if !migrationActive(mi.Status) {
 			return mi, nil
+		}
+		if mi.Status == "pre-switchover" {
+			go sw.run(ctx)
 		}
 		select {
 		case <-tick.C:
@@ -289,6 +307,68 @@ func (m *machine) followMigration(ctx context.Context, progress func(hypervisor.
 			return mi, m.errf(ctx.Err(), "migrate: %s", mi.Status)
 		}
 	}
+}
+
+// switchover runs MigrateOptions.BeforeSwitchover once QEMU paused in "pre-switchover", then lets QEMU finish
+// (migrate-continue) or, if the hook failed, cancels the migration (the guest resumes here).
+type switchover struct {
+	m    *machine
+	hook func(context.Context) error
+	once sync.Once
+	mu   sync.Mutex
+	err  error
+}
+
+// watch waits for the MIGRATION event that says QEMU paused before the switchover.
+func (sw *switchover) watch(ctx context.Context, sub *qmp.Subscription) {
+	for {
+		ev, err := sub.Next(ctx)
+		if errors.Is(err, qmp.ErrEventsDropped) {
+			continue
+		}
+		if err != nil {
+			return
+		}
+		var data struct{ Status string }
+		if json.Unmarshal(ev.Data, &data) == nil && data.Status == "pre-switchover" {
+			sw.run(ctx)
+			return
+		}
+	}
+}
+
+func (sw *switchover) run(ctx context.Context) {
+	if sw == nil || sw.hook == nil {
+		return
+	}
+	sw.once.Do(func() {
+		m := sw.m
+		start := time.Now()
+		err := sw.hook(ctx)
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if err != nil {
+			sw.mu.Lock()
+			sw.err = err
+			sw.mu.Unlock()
+			m.d.log.Warn("qemu: cancelling the migration: the switchover hook failed", "id", m.spec.ID, "err", err)
+			if cerr := m.qmp.Execute(cctx, "migrate_cancel", nil, nil); cerr != nil {
+				m.d.log.Error("qemu: cancel the migration after the switchover hook failed", "id", m.spec.ID, "err", cerr)
+			}
+			return
+		}
+		if err := m.qmp.Execute(cctx, "migrate-continue", map[string]any{"state": "pre-switchover"}, nil); err != nil {
+			m.d.log.Error("qemu: continue the migration after the switchover hook", "id", m.spec.ID, "err", err)
+			return
+		}
+		m.d.log.Info("qemu: switchover hook done", "id", m.spec.ID, "took", time.Since(start))
+	})
+}
+
+func (sw *switchover) failed() error {
+	sw.mu.Lock()
+	defer sw.mu.Unlock()
+	return sw.err
 }
 
 // CancelMigration cancels the outgoing migration; the guest keeps running here.

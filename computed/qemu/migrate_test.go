@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"net/url"
 	"strings"
 	"testing"
@@ -159,4 +160,67 @@ func TestLiveMigration(t *testing.T) {
 	t.Logf("console: records %d..%d, longest gap %s after record %d (guest clock: %s)", cont.First, cont.Last,
 		cont.MaxHostGap.Round(time.Millisecond), cont.MaxHostGapAfter, cont.MaxGuestGap.Round(time.Millisecond))
 	verifyDisk(t, img, recs)
+}
+
+// TestMigrationSwitchoverHook checks MigrateOptions.BeforeSwitchover: it runs once, while the guest is stopped
+// on the source (no counter record appears there while it runs) and before the destination runs it; a hook
+// that fails cancels the migration and the guest goes on at the source.
+func TestMigrationSwitchoverHook(t *testing.T) {
+	needQEMU(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	d := newDriver(t)
+	disk, _ := nbdDisk(t, "root", 64<<20)
+	specA := guestSpec(t, "sw", 128, disk)
+	a := start(t, ctx, d, specA)
+	conA, _ := watch(t, ctx, a)
+	if _, err := conA.WaitRecord(ctx, 10); err != nil {
+		t.Fatalf("%v\n%s", err, conA.Tail(20))
+	}
+	respec := func() hypervisor.Spec { s := specA; s.RunDir = shortDir(t, "vm"); return s }
+
+	b, uriB := startIncoming(t, ctx, d, respec(), hypervisor.MigrateOptions{})
+	conB, _ := watch(t, ctx, b)
+	calls := 0
+	hook := func(ctx context.Context) error {
+		calls++
+		before, _ := conA.LastRecord()
+		time.Sleep(300 * time.Millisecond) // the agent writes a record every 20 ms while it runs
+		after, _ := conA.LastRecord()
+		if after.Seq != before.Seq {
+			t.Errorf("the guest ran on the source during the hook: record %d, then %d", before.Seq, after.Seq)
+		}
+		if info, err := b.Info(ctx); err != nil || info.State != hypervisor.StateIncoming {
+			t.Errorf("destination during the hook: %+v, %v", info, err)
+		}
+		return nil
+	}
+	st, err := a.Migrate(ctx, uriB, hypervisor.MigrateOptions{BeforeSwitchover: hook}, nil)
+	if err != nil || st.Status != "completed" {
+		t.Fatalf("migrate with a hook: %+v, %v", st, err)
+	}
+	if calls != 1 {
+		t.Fatalf("hook called %d times", calls)
+	}
+	lastA, _ := conA.LastRecord()
+	if _, err := conB.WaitRecord(ctx, lastA.Seq+10); err != nil {
+		t.Fatalf("counter did not go on at B: %v\n%s", err, conB.Tail(10))
+	}
+	a.Kill(ctx)
+
+	// A failing hook: the migration is cancelled, the guest runs on at B, C never runs it.
+	c, uriC := startIncoming(t, ctx, d, respec(), hypervisor.MigrateOptions{})
+	_, err = b.Migrate(ctx, uriC, hypervisor.MigrateOptions{BeforeSwitchover: func(context.Context) error {
+		return errors.New("attachment refused")
+	}}, nil)
+	if err == nil || !strings.Contains(err.Error(), "before the switchover: attachment refused") {
+		t.Fatalf("migrate with a failing hook: %v", err)
+	}
+	lastB, _ := conB.LastRecord()
+	if _, err := conB.WaitRecord(ctx, lastB.Seq+10); err != nil {
+		t.Fatalf("guest did not go on at B after the cancelled switchover: %v\n%s", err, conB.Tail(10))
+	}
+	if info, err := c.Info(ctx); err == nil && info.State == hypervisor.StateRunning {
+		t.Fatalf("destination runs the guest after a cancelled switchover: %+v", info)
+	}
 }

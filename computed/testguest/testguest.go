@@ -3,8 +3,9 @@
 // ./agent, a static Go program built at build time with the local Go toolchain (no downloads). The agent writes
 // a counter of CRC-checked records to the guest's first disk and prints each on the serial console, so tests
 // can prove that a guest kept running, and that its disk stayed consistent, across pause, restart, migration
-// and hot-plug. This package builds the pair (cached by a hash of every input), and parses the console and
-// verifies the disk on the host side. It depends on the standard library and the record package, and runs
+// and hot-plug. Given an agent channel (hypervisor.Spec.Agent), the agent also sends a heartbeat on it every
+// second and can be told to hang, for testing VM monitoring (formats in the record package). This package builds
+// the pair (cached by a hash of every input), and parses the console and verifies the disk on the host side. It depends on the standard library and the record package, and runs
 // the go command.
 package testguest
 

@@ -78,6 +78,9 @@ type env struct {
 	sock  string
 	dir   string
 	hosts map[string]*testHost
+	etcd  *etcdtest.Etcd
+	// leaseTTL is given to hosts started from now on (Config.LeaseTTL: self-fencing); 0: off.
+	leaseTTL time.Duration
 }
 
 type testHost struct {
@@ -112,6 +115,7 @@ func newEnv(t *testing.T, ctx context.Context) *env {
 		os.RemoveAll(e.dir)
 	})
 	et := etcdtest.Start(t, "")
+	e.etcd = et
 	e.store = store.New(et.Client(t))
 	if _, err := registry.InitCluster(ctx, e.store); err != nil {
 		t.Fatal(err)
@@ -192,7 +196,7 @@ func (e *env) startHost(th *testHost, memory uint64) {
 		t.Fatal(err)
 	}
 	th.h, err = New(Config{NodeID: th.id, Store: e.store, Driver: drv, RunDir: th.runDir, BlockdSocket: e.sock,
-		MemoryBytes: memory, VCPUs: 2, MigrationHost: "127.0.0.1", Interval: 500 * time.Millisecond,
+		MemoryBytes: memory, VCPUs: 2, MigrationHost: "127.0.0.1", Interval: 500 * time.Millisecond, LeaseTTL: e.leaseTTL,
 		Log: e.log.With("node", th.id)})
 	if err != nil {
 		t.Fatal(err)
@@ -213,6 +217,17 @@ func (e *env) startHost(th *testHost, memory uint64) {
 	ctx, cancel := context.WithCancel(context.Background())
 	th.cancel, th.done = cancel, make(chan error, 1)
 	go func() { th.done <- th.h.Run(ctx) }()
+	// Placement needs the host's record: wait until Run has published it.
+	for {
+		if _, err := store.Get[basaltv1.ComputeHost](e.ctx, e.store, schema.ComputeHostKey(th.id)); err == nil {
+			break
+		}
+		select {
+		case <-e.ctx.Done():
+			t.Fatalf("host %s never published its record", th.id)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // stopHost stops a host the way computed stops: its machines keep running.

@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
@@ -61,7 +62,13 @@ type Config struct {
 	Interval time.Duration
 	// Accel, if set, names the accelerator guests run with (it may take a while: it runs in the background).
 	Accel func(ctx context.Context) (string, error)
-	Log   *slog.Logger
+	// Attacher gives every machine's disks their attachment generations; nil opens disks without one (a host
+	// whose NBD server is not blockd, as in this package's tests).
+	Attacher Attacher
+	// LeaseTTL is this computed's lease TTL: a host that cannot reach etcd for most of it pauses its guests
+	// (guardLease). 0 disables that.
+	LeaseTTL time.Duration
+	Log      *slog.Logger
 }
 
 // Host runs the VMs assigned to one computed.
@@ -78,7 +85,12 @@ type Host struct {
 	incoming map[string]*incoming
 	hostRec  *basaltv1.ComputeHost
 	prepMu   sync.Mutex // one PrepareIncoming at a time
+	pubMu    sync.Mutex // one publish at a time
 	wg       sync.WaitGroup
+
+	// selfFenced is set while guardLease holds every guest paused because etcd is out of reach.
+	selfFenced atomic.Bool
+	fencedAt   time.Time // owned by guardLease
 }
 
 // New checks cfg and returns a Host; Run starts it.
@@ -162,6 +174,10 @@ func (h *Host) Run(ctx context.Context) error {
 	}
 	bg.Add(1)
 	go func() { defer bg.Done(); h.followMaintenance(ctx) }()
+	bg.Add(1)
+	go func() { defer bg.Done(); h.guardLease(ctx) }()
+	bg.Add(1)
+	go func() { defer bg.Done(); h.awaitBlockd(ctx) }()
 
 	first := true
 	err := watch.Run[basaltv1.VM](ctx, h.cfg.Store, schema.VMsPrefix, watch.Handlers[*basaltv1.VM]{
@@ -220,7 +236,11 @@ func (h *Host) Run(ctx context.Context) error {
 	return err
 }
 
+// publish writes the host record. Publishes are serialized, so the last write carries every field set so far
+// (the netd, the blockd and the accelerator are found by different goroutines).
 func (h *Host) publish(ctx context.Context) error {
+	h.pubMu.Lock()
+	defer h.pubMu.Unlock()
 	h.mu.Lock()
 	rec := proto.Clone(h.hostRec).(*basaltv1.ComputeHost)
 	h.mu.Unlock()
@@ -247,6 +267,29 @@ func (h *Host) awaitNetd(ctx context.Context) {
 				h.log.Warn("publish host", "err", err)
 			}
 			h.log.Info("this host's netd registered", "netd", id)
+			return
+		}
+	}
+}
+
+// awaitBlockd looks for this host's blockd, at once and then every second until it registers, and publishes
+// it: the HA controller judges the host by it (docs/ha.md).
+func (h *Host) awaitBlockd(ctx context.Context) {
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Second):
+			}
+		}
+		if id := h.blockdNode(ctx); id != "" {
+			h.mu.Lock()
+			h.hostRec.BlockdNode = id
+			h.mu.Unlock()
+			if err := h.publish(ctx); err != nil && ctx.Err() == nil {
+				h.log.Warn("publish host", "err", err)
+			}
 			return
 		}
 	}
@@ -362,6 +405,18 @@ func (h *Host) findNode(ctx context.Context, kind basaltv1.NodeKind, ok func(*ba
 		}
 	}
 	return ""
+}
+
+// blockdNode is the node ID of this host's blockd: the one serving BlockdSocket when it is given, else the one
+// nbdSocket finds; "" if none is registered (yet).
+func (h *Host) blockdNode(ctx context.Context) string {
+	return h.findNode(ctx, basaltv1.NodeKind_NODE_KIND_BLOCKD, func(n *basaltv1.Node) bool {
+		if h.cfg.BlockdSocket != "" {
+			return n.GetNbdSocket() == h.cfg.BlockdSocket
+		}
+		_, err := os.Stat(n.GetNbdSocket())
+		return n.GetNbdSocket() != "" && err == nil
+	})
 }
 
 // nbdSocket is the NBD socket of this host's blockd.

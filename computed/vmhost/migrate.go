@@ -46,6 +46,8 @@ type incoming struct {
 	m   hypervisor.Machine
 	con *console
 	uri string
+	// gens are the attachment generations its disks were opened with (PrepareIncoming).
+	gens map[string]uint64
 
 	exited atomic.Bool
 }
@@ -133,6 +135,12 @@ func (w *worker) migrate(ctx context.Context, m hypervisor.Machine, vm *basaltv1
 	progress(func(p *basaltv1.MigrationProgress) { p.Status = "active" })
 	opts := hypervisor.MigrateOptions{Compress: req.GetCompress(), BandwidthBytes: req.GetBandwidthBytesPerSecond(),
 		MaxDowntime: time.Duration(req.GetMaxDowntimeMs()) * time.Millisecond}
+	// The disks' attachments move to the target while the guest is stopped here for the last time (or, with a
+	// driver that cannot stop there, right after the migration: the target's were accepting writes already).
+	pauses := w.h.pausesBeforeSwitchover()
+	if pauses {
+		opts.BeforeSwitchover = func(ctx context.Context) error { return w.h.switchover(ctx, vm, req.GetTarget()) }
+	}
 	var lastReport time.Time
 	final, err := m.Migrate(ctx, resp.GetUri(), opts, func(s hypervisor.MigrationStatus) {
 		if time.Since(lastReport) < 500*time.Millisecond {
@@ -156,6 +164,12 @@ func (w *worker) migrate(ctx context.Context, m hypervisor.Machine, vm *basaltv1
 		w.endMigration(ctx, req, outcome, err)
 		return
 	}
+	if !pauses {
+		if err := w.h.switchover(context.WithoutCancel(ctx), vm, req.GetTarget()); err != nil {
+			log.Error("the VM migrated, but its disks' attachments did not move; the source's stay valid", "err", err)
+		}
+	}
+	w.setStatus(func(st *basaltv1.VMStatus) { st.AttachGenerations = nil }) // the switchover dropped them
 	progress(func(p *basaltv1.MigrationProgress) {
 		p.Status = "completed"
 		p.TransferredBytes, p.RemainingBytes, p.TotalBytes = final.TransferredBytes, 0, final.TotalBytes
@@ -300,7 +314,17 @@ func (h *Host) prepareIncoming(ctx context.Context, vm *basaltv1.VM) (string, er
 	if err != nil {
 		return "", status.Error(codes.FailedPrecondition, err.Error())
 	}
-	spec := h.machineSpec(vm, &sock, nil)
+	gens, err := h.prepareDisks(ctx, vm)
+	if err != nil {
+		return "", status.Error(codes.FailedPrecondition, err.Error())
+	}
+	prepared := false
+	defer func() {
+		if !prepared {
+			h.detachDisks(ctx, gens)
+		}
+	}()
+	spec := h.machineSpec(vm, &sock, nil, gens)
 	opts := hypervisor.MigrateOptions{Compress: req.GetCompress()}
 	sctx, cancel := context.WithTimeout(ctx, h.cfg.StartTimeout)
 	defer cancel()
@@ -324,7 +348,8 @@ func (h *Host) prepareIncoming(ctx context.Context, vm *basaltv1.VM) (string, er
 		m.Close()
 		return "", status.Errorf(codes.Internal, "incoming machine: %v", err)
 	}
-	in := &incoming{id: req.GetId(), rev: vm.GetRevision(), m: m, con: con, uri: uri}
+	in := &incoming{id: req.GetId(), rev: vm.GetRevision(), m: m, con: con, uri: uri, gens: gens}
+	prepared = true
 	h.addIncoming(name, in)
 	h.dispatch(name, cur.Value, cur.ModRevision)
 	h.log.Info("incoming migration prepared", "vm", name, "migration", req.GetId(), "source", req.GetSource(), "uri", uri)
@@ -385,6 +410,7 @@ func (h *Host) dropIncoming(ctx context.Context, name, id, why string) bool {
 	h.mu.Unlock()
 	h.log.Info("stopping an incoming machine", "vm", name, "migration", in.id, "why", why)
 	in.kill(ctx)
+	h.detachDisks(ctx, in.gens)
 	return true
 }
 

@@ -15,9 +15,10 @@ import (
 )
 
 // machineSpec is the driver's spec of a VM on this host. Disks go through the local blockd's NBD socket (sock;
-// nil when only finding a machine), the export being the volume; a disk's ID is its volume's name, stable
-// across hosts, so that a migration's two ends have the same devices.
-func (h *Host) machineSpec(vm *basaltv1.VM, sock *string, nics []hypervisor.NIC) hypervisor.Spec {
+// nil when only finding a machine), the export being the volume with the attachment generation gens gives it
+// (basaltv1.AttachedExport); a disk's ID is its volume's name, stable across hosts, so that a migration's two
+// ends have the same devices.
+func (h *Host) machineSpec(vm *basaltv1.VM, sock *string, nics []hypervisor.NIC, gens map[string]uint64) hypervisor.Spec {
 	spec := vm.GetSpec()
 	mem := spec.GetMemory()
 	s := hypervisor.Spec{
@@ -29,6 +30,9 @@ func (h *Host) machineSpec(vm *basaltv1.VM, sock *string, nics []hypervisor.NIC)
 		Cmdline: spec.GetCmdline(),
 		RunDir:  h.dir(vm.GetName()),
 		NICs:    nics,
+		// The guest agent's channel, for VM monitoring (monitor.go). Decided at start: a migration's
+		// destination, built from the same declaration, gets the same device.
+		Agent: spec.GetMonitoring().GetHeartbeat(),
 	}
 	if mem.GetMaximumBytes() > mem.GetStartupBytes() {
 		s.MaxMemory = mem.GetMaximumBytes()
@@ -46,7 +50,7 @@ func (h *Host) machineSpec(vm *basaltv1.VM, sock *string, nics []hypervisor.NIC)
 		}
 	}
 	for _, d := range spec.GetDisks() {
-		disk := hypervisor.Disk{ID: d.GetVolume(), Export: d.GetVolume(), BootIndex: int(d.GetBootOrder())}
+		disk := hypervisor.Disk{ID: d.GetVolume(), Export: basaltv1.AttachedExport(d.GetVolume(), gens[d.GetVolume()]), BootIndex: int(d.GetBootOrder())}
 		if sock != nil {
 			disk.NBDSocket = *sock
 		}

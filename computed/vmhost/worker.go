@@ -40,6 +40,7 @@ type worker struct {
 	// movedRev is the revision of the declaration that moved the VM to another host after a migration from
 	// here: older declarations the watch may still deliver are not acted on.
 	movedRev int64
+	mon      *monitor // the machine's agent channel (monitor.go)
 
 	// Owned by the run goroutine.
 	found        int // attempts at finding an earlier machine; -1 once done
@@ -149,6 +150,7 @@ func (w *worker) attach(ctx context.Context, m hypervisor.Machine, con *console)
 		}
 	}()
 	w.applied = 0
+	w.startMonitor(ctx, m)
 	return nil
 }
 
@@ -170,6 +172,7 @@ func openConsole(ctx context.Context, m hypervisor.Machine, dir string, logBytes
 
 // release closes the console and the handle; the process is not touched.
 func (w *worker) release() {
+	w.stopMonitor()
 	w.mu.Lock()
 	m, con := w.m, w.con
 	w.m, w.con, w.exited = nil, nil, nil
@@ -260,7 +263,7 @@ func (w *worker) findEarlier(ctx context.Context, d *basaltv1.VM, rev int64) {
 	spec := hypervisor.Spec{ID: w.name, RunDir: w.dir}
 	if d != nil {
 		sock, _ := w.h.nbdSocket(ctx)
-		spec = w.h.machineSpec(d, &sock, nil)
+		spec = w.h.machineSpec(d, &sock, nil, nil)
 	}
 	fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	m, err := w.h.cfg.Driver.Find(fctx, spec)
@@ -322,6 +325,7 @@ func (w *worker) machineExited(ctx context.Context, d *basaltv1.VM) {
 	if d == nil || d.GetHost() != me || d.GetDesiredState() == basaltv1.VMState_VM_STATE_STOPPED {
 		return
 	}
+	w.detachRun(ctx)
 	why := fmt.Errorf("the guest powered off, or the hypervisor exited (its log: %s)", filepath.Join(w.dir, "qemu.log"))
 	w.log.Warn("machine exited", "why", why)
 	gen := d.GetGeneration()
@@ -358,6 +362,7 @@ func (w *worker) deleted(ctx context.Context) bool {
 		cancel()
 		w.release()
 	}
+	w.detachRun(ctx)
 	w.h.dropIncoming(ctx, w.name, "", "the VM was deleted")
 	if err := os.RemoveAll(w.dir); err != nil {
 		w.log.Warn("remove the run directory of a deleted VM", "err", err)
@@ -420,6 +425,7 @@ func (w *worker) adoptIncoming(ctx context.Context) {
 	}
 	w.h.takeIncoming(w.name)
 	w.startedAt = time.Now()
+	w.setStatus(func(st *basaltv1.VMStatus) { st.AttachGenerations = in.gens })
 	// Keep the source's report of the migration that brought the VM here.
 	if prev, err := store.Get[basaltv1.VMStatus](ctx, w.h.cfg.Store, schema.VMStatusKey(w.name)); err == nil {
 		w.setStatus(func(st *basaltv1.VMStatus) { st.Migration = prev.Value.GetMigration() })
@@ -439,6 +445,7 @@ func (w *worker) stopMachine(ctx context.Context, d *basaltv1.VM) bool {
 	}
 	m, _ := w.machine()
 	if m == nil {
+		w.detachRun(ctx)
 		w.setStatus(func(st *basaltv1.VMStatus) {
 			st.State, st.Pid, st.MemoryActualBytes = basaltv1.VMState_VM_STATE_STOPPED, 0, 0
 			st.ObservedGeneration = d.GetGeneration()
@@ -465,6 +472,7 @@ func (w *worker) stopMachine(ctx context.Context, d *basaltv1.VM) bool {
 			return false
 		}
 		w.release()
+		w.detachRun(ctx)
 		w.setStatus(func(st *basaltv1.VMStatus) {
 			st.State, st.Pid, st.MemoryActualBytes = basaltv1.VMState_VM_STATE_STOPPED, 0, 0
 			st.ObservedGeneration = d.GetGeneration()
@@ -495,6 +503,9 @@ func (w *worker) stopMachine(ctx context.Context, d *basaltv1.VM) bool {
 // runMachine keeps a VM that should run running: started, paused or resumed, at its memory target, and
 // migrating when asked.
 func (w *worker) runMachine(ctx context.Context, d *basaltv1.VM, rev int64) {
+	if w.h.selfFenced.Load() {
+		return // cut off from etcd: guardLease holds the guest paused, and nothing new starts
+	}
 	me := w.h.cfg.NodeID
 	m, _ := w.machine()
 	if m == nil {
@@ -566,6 +577,7 @@ func (w *worker) runMachine(ctx context.Context, d *basaltv1.VM, rev int64) {
 			w.log.Info("balloon target set", "bytes", t)
 		}
 	}
+	w.monitorGuest(ctx, d, m, info, mig != nil)
 	w.sample(ctx, m)
 	w.setStatus(func(st *basaltv1.VMStatus) {
 		st.State = stateOf(info.State)
@@ -595,12 +607,24 @@ func (w *worker) start(ctx context.Context, d *basaltv1.VM) error {
 	if err != nil {
 		return err
 	}
-	spec := w.h.machineSpec(d, &sock, nics)
+	w.detachRun(ctx) // generations of an earlier run that ended without detaching
+	gens, err := w.h.attachDisks(ctx, d)
+	if err != nil {
+		return err
+	}
+	spec := w.h.machineSpec(d, &sock, nics, gens)
 	w.setStatus(func(st *basaltv1.VMStatus) {
 		st.State = basaltv1.VMState_VM_STATE_STARTING
 		st.ObservedGeneration = d.GetGeneration()
+		st.AttachGenerations = gens
 	})
 	w.flushStatus(ctx)
+	started := false
+	defer func() {
+		if !started {
+			w.detachRun(ctx)
+		}
+	}()
 	if err := os.MkdirAll(w.dir, 0o700); err != nil {
 		return fmt.Errorf("create the run directory: %w", err)
 	}
@@ -615,7 +639,9 @@ func (w *worker) start(ctx context.Context, d *basaltv1.VM) error {
 		m.Close()
 		return err
 	}
+	started = true
 	w.startedAt = time.Now()
+	w.monitorNewRun()
 	w.log.Info("machine started", "vcpus", spec.VCPUs, "memory", spec.Memory, "max_memory", spec.MaxMemory, "disks", len(spec.Disks))
 	return nil
 }

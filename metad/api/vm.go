@@ -147,6 +147,9 @@ func validateSpec(spec *basaltv1.VMSpec) error {
 	if spec.Firmware != basaltv1.Firmware_FIRMWARE_DIRECT_KERNEL && len(boots) == 0 && spec.Kernel == "" {
 		return invalid("nothing to boot: give a disk a boot order, or a kernel")
 	}
+	if err := validateHA(spec); err != nil {
+		return err
+	}
 	pl := spec.GetPlacement()
 	for _, h := range append(slices.Clone(pl.GetPreferredHosts()), pl.GetPossibleHosts()...) {
 		if err := schema.ValidateName("host", h); err != nil {
@@ -415,11 +418,7 @@ func (s *VMServer) StartVM(ctx context.Context, r *basaltv1.StartVMRequest) (*ba
 			}
 			host = r.GetHost()
 		default:
-			// The host it last ran on, when it still has room, keeps its console log in one place.
-			if vm.GetHost() != "" && len(vm.GetSpec().GetPlacement().GetPreferredHosts()) == 0 && w.check(vm.GetHost(), req) == nil {
-				host = vm.GetHost()
-				break
-			}
+			req.last = vm.GetHost()
 			var err error
 			if host, err = w.place(req); err != nil {
 				return nil, err

@@ -153,6 +153,8 @@ type placeRequest struct {
 	// exclude are hosts that must not be chosen (a migration's source); hypervisor, if set, must match.
 	exclude    []string
 	hypervisor string
+	// last is the host the VM last ran on, preferred among otherwise equal hosts.
+	last string
 }
 
 // candidates are the hosts the VM may ever run on: registered compute hosts, within its possible hosts.
@@ -198,32 +200,67 @@ func (w *vmWorld) check(host string, r placeRequest) error {
 	return nil
 }
 
-// place picks a host for r: the first preferred host with room, else the candidate with the most free memory
-// (ties by name). The error lists why each candidate was refused.
+// place picks a host for r. Ranked, best first: the fewest VMs of r's anti-affinity group (so members are
+// kept apart when there is room, and spread evenly when there is not), then the order of the preferred hosts,
+// then the host the VM last ran on (r.last: its console log stays in one place), then the most free memory,
+// then the name. The error lists why each candidate was refused.
 func (w *vmWorld) place(r placeRequest) (string, error) {
-	for _, h := range r.spec.GetPlacement().GetPreferredHosts() {
-		if w.check(h, r) == nil {
-			return h, nil
-		}
+	type cand struct {
+		host    string
+		members int
+		pref    int
+		free    uint64
 	}
-	best, bestFree := "", uint64(0)
+	preferred := r.spec.GetPlacement().GetPreferredHosts()
+	group := r.spec.GetPlacement().GetAntiAffinityGroup()
+	var ok []cand
 	var why []string
 	for _, h := range w.candidates(r.spec) {
 		if err := w.check(h, r); err != nil {
 			why = append(why, status.Convert(err).Message())
 			continue
 		}
-		if f := w.free(h, r.vm); best == "" || f > bestFree {
-			best, bestFree = h, f
+		pref := slices.Index(preferred, h)
+		if pref < 0 {
+			pref = len(preferred)
+		}
+		ok = append(ok, cand{host: h, members: w.groupMembers(group, h, r.vm), pref: pref, free: w.free(h, r.vm)})
+	}
+	if len(ok) == 0 {
+		if len(why) == 0 {
+			return "", status.Error(codes.FailedPrecondition, "no computed host is registered (start computed, or see 'basalt host list')")
+		}
+		return "", status.Errorf(codes.FailedPrecondition, "no host can take VM %q: %s", r.vm, strings.Join(why, "; "))
+	}
+	sort.Slice(ok, func(i, j int) bool {
+		a, b := ok[i], ok[j]
+		switch {
+		case a.members != b.members:
+			return a.members < b.members
+		case a.pref != b.pref:
+			return a.pref < b.pref
+		case (a.host == r.last) != (b.host == r.last):
+			return a.host == r.last
+		case a.free != b.free:
+			return a.free > b.free
+		}
+		return a.host < b.host
+	})
+	return ok[0].host, nil
+}
+
+// groupMembers counts the VMs of anti-affinity group (other than skip) that host holds; 0 for no group.
+func (w *vmWorld) groupMembers(group, host, skip string) int {
+	if group == "" {
+		return 0
+	}
+	n := 0
+	for name, r := range w.vms {
+		if name != skip && r.Value.GetSpec().GetPlacement().GetAntiAffinityGroup() == group && w.holds(name, r.Value, host) {
+			n++
 		}
 	}
-	if best != "" {
-		return best, nil
-	}
-	if len(why) == 0 {
-		return "", status.Error(codes.FailedPrecondition, "no computed host is registered (start computed, or see 'basalt host list')")
-	}
-	return "", status.Errorf(codes.FailedPrecondition, "no host can take VM %q: %s", r.vm, strings.Join(why, "; "))
+	return n
 }
 
 func nicNetworks(spec *basaltv1.VMSpec) []string {

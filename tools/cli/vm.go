@@ -35,7 +35,7 @@ administered; its host keeps a console log for post-mortems ('basalt vm console 
 	}
 	cmd.AddCommand(a.vmCreateCmd(), a.vmListCmd(), a.vmInspectCmd(), a.vmStartCmd(), a.vmStopCmd(), a.vmKillCmd(),
 		a.vmPauseCmd(), a.vmResumeCmd(), a.vmDeleteCmd(), a.vmConsoleCmd(), a.vmMigrateCmd(), a.vmMemoryCmd(),
-		a.vmStatsCmd(), a.vmCloneCmd())
+		a.vmStatsCmd(), a.vmCloneCmd(), a.vmSetCmd())
 	return cmd
 }
 
@@ -80,6 +80,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 	var memory, memMin, memMax, firmware, kernel, initrd, cmdline string
 	var disks, nics, preferred, possible []string
 	var start bool
+	var ha haFlags
 	cmd := &cobra.Command{
 		Use:   "create NAME --memory SIZE --disk VOLUME[:BOOT] ... | --kernel PATH",
 		Short: "Declare a VM",
@@ -98,6 +99,9 @@ hosts). NICs are ports of virtual networks: --nic NETWORK/PORT.`,
 				Placement: &basaltv1.VMPlacement{PreferredHosts: preferred, PossibleHosts: possible}}
 			if memory == "" {
 				return usageError{errors.New("give the VM --memory")}
+			}
+			if _, err := ha.apply(spec); err != nil {
+				return err
 			}
 			for _, f := range []struct {
 				name, val string
@@ -180,6 +184,7 @@ hosts). NICs are ports of virtual networks: --nic NETWORK/PORT.`,
 	f.StringArrayVar(&preferred, "host", nil, "a preferred host, tried first in the order given (repeat for more)")
 	f.StringArrayVar(&possible, "possible-host", nil, "a host the VM may run on; if any is given, only those (repeat for more)")
 	f.BoolVar(&start, "start", false, "start the VM once it is declared")
+	ha.register(cmd, false)
 	return cmd
 }
 
@@ -273,9 +278,7 @@ func (a *app) vmInspectCmd() *cobra.Command {
 				for _, n := range spec.GetNics() {
 					fmt.Fprintf(w, "nic:\t%s/%s\n", n.GetNetwork(), n.GetPort())
 				}
-				if pl := spec.GetPlacement(); len(pl.GetPreferredHosts())+len(pl.GetPossibleHosts()) > 0 {
-					fmt.Fprintf(w, "placement:\tpreferred %s, possible %s\n", listOr(pl.GetPreferredHosts(), "-"), listOr(pl.GetPossibleHosts(), "any"))
-				}
+				printHA(w, vm)
 				if vm.GetClonedFrom() != "" {
 					fmt.Fprintf(w, "cloned from:\t%s\n", vm.GetClonedFrom())
 				}

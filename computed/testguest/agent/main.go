@@ -8,6 +8,12 @@
 // migrations). Formats are in computed/testguest/record. It is built static (CGO_ENABLED=0) and depends on the
 // standard library, golang.org/x/sys/unix and the record package.
 //
+// When the machine has an agent channel (a virtio-serial port named org.basalt.agent.0, which computed gives a
+// VM with monitoring.heartbeat), the agent writes "BASALT beat seq=N boot=B" to it every second, the first at
+// once, and obeys command lines from the host: "hang" stops the heartbeat and the counter until the next boot
+// (a hung guest, for testing VM monitoring) and prints "BASALT hang". It prints "BASALT agent channel=<dev>" or
+// "BASALT agent channel=none" (no such port within 30 s: everything else works as without it).
+//
 // Kernel command line options:
 //
 //	basalt.disk=/dev/vda     disk for the counter ring
@@ -76,6 +82,7 @@ func main() {
 	if cfg.ip.IsValid() {
 		go netUp(con, "eth0", cfg.ip, cfg.gw)
 	}
+	go agentChannel(con, boot)
 	counter(con, cfg, boot)
 	select {} // init must never exit: the kernel would panic
 }
@@ -137,6 +144,9 @@ func counter(con *console, cfg config, boot uint64) {
 	defer tick.Stop()
 	seq := last + 1
 	for range tick.C {
+		if hung.Load() {
+			return // checked before the write: every record written is announced
+		}
 		r := record.Encode(buf, record.Record{Seq: seq, Time: time.Now(), Boot: boot})
 		off := int64(seq%uint64(slots)) * record.Size
 		if _, err := unix.Pwrite(fd, buf, off); err != nil {

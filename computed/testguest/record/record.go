@@ -146,3 +146,35 @@ func ParseLine(line string) (Record, error) {
 	}
 	return r, nil
 }
+
+// The guest agent channel (VM monitoring): a virtio-serial port the host's computed holds the other end of.
+// The agent writes a heartbeat line every second and obeys command lines the host sends.
+const (
+	// AgentPort is the port's name, as the guest finds it in /sys/class/virtio-ports/*/name; the same as
+	// computed/hypervisor's AgentPort (the agent cannot import it and stay a standard-library program).
+	AgentPort = "org.basalt.agent.0"
+	// CmdHang makes the agent stop beating and stop writing counter records until the next boot: a hung guest,
+	// as VM monitoring sees it.
+	CmdHang = "hang"
+)
+
+// BeatLine is heartbeat seq (counting from 1 at each boot) of the boot with id boot, as the agent writes it to
+// the agent channel, newline included. It is also a console-style line, so Fields parses it ("beat").
+func BeatLine(seq, boot uint64) string {
+	return fmt.Sprintf("%sbeat seq=%d boot=%016x\n", LinePrefix, seq, boot)
+}
+
+// ParseBeat parses a heartbeat line (with or without its newline).
+func ParseBeat(line string) (seq, boot uint64, err error) {
+	kind, f, ok := Fields(strings.TrimSpace(line))
+	if !ok || kind != "beat" {
+		return 0, 0, fmt.Errorf("not a heartbeat line: %q", line)
+	}
+	if seq, err = strconv.ParseUint(f["seq"], 10, 64); err != nil {
+		return 0, 0, fmt.Errorf("heartbeat line %q: seq: %w", line, err)
+	}
+	if boot, err = strconv.ParseUint(f["boot"], 16, 64); err != nil {
+		return 0, 0, fmt.Errorf("heartbeat line %q: boot: %w", line, err)
+	}
+	return seq, boot, nil
+}

@@ -2614,8 +2614,11 @@ type ComputeHost struct {
 	MemoryBytes uint64 `protobuf:"varint,5,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
 	Vcpus       uint32 `protobuf:"varint,6,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
 	// Node ID of the netd on the same host; empty: the host has no virtual networks.
-	NetdNode      string                 `protobuf:"bytes,7,opt,name=netd_node,json=netdNode,proto3" json:"netd_node,omitempty"`
-	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	NetdNode  string                 `protobuf:"bytes,7,opt,name=netd_node,json=netdNode,proto3" json:"netd_node,omitempty"`
+	UpdatedAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	// Node ID of the blockd this host's disks go through. The HA controller takes a host for dead when its
+	// computed and this blockd are both down (docs/ha.md); a computed alone that is down is given a grace.
+	BlockdNode    string `protobuf:"bytes,9,opt,name=blockd_node,json=blockdNode,proto3" json:"blockd_node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2704,6 +2707,13 @@ func (x *ComputeHost) GetUpdatedAt() *timestamppb.Timestamp {
 		return x.UpdatedAt
 	}
 	return nil
+}
+
+func (x *ComputeHost) GetBlockdNode() string {
+	if x != nil {
+		return x.BlockdNode
+	}
+	return ""
 }
 
 // HostMaintenance is a host's maintenance state, written by metad (key /basalt/v1/compute/maintenance/<node>).
@@ -3592,7 +3602,7 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\n" +
 	"checkpoint\x18\x03 \x01(\tR\n" +
 	"checkpoint\x12\x14\n" +
-	"\x05start\x18\x04 \x01(\bR\x05start\"\x84\x02\n" +
+	"\x05start\x18\x04 \x01(\bR\x05start\"\xa5\x02\n" +
 	"\vComputeHost\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1a\n" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x1e\n" +
@@ -3604,7 +3614,9 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\x05vcpus\x18\x06 \x01(\rR\x05vcpus\x12\x1b\n" +
 	"\tnetd_node\x18\a \x01(\tR\bnetdNode\x129\n" +
 	"\n" +
-	"updated_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\xf5\x01\n" +
+	"updated_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x1f\n" +
+	"\vblockd_node\x18\t \x01(\tR\n" +
+	"blockdNode\"\xf5\x01\n" +
 	"\x0fHostMaintenance\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1a\n" +
 	"\bdraining\x18\x02 \x01(\bR\bdraining\x12\x1a\n" +
