@@ -299,7 +299,29 @@ func TestVMThroughBasaltUp(t *testing.T) {
 			num(st.Disks[0].WriteOps), num(st.Disks[0].Written))
 	})
 
+	// attachment returns the host and generation boot0 is attached to, from `basalt volume attachments`.
+	attachment := func() (host string, gen int) {
+		t.Helper()
+		var lines []string
+		for _, l := range strings.Split(strings.TrimSpace(basalt("volume", "attachments", "boot0")), "\n")[1:] {
+			lines = append(lines, l)
+		}
+		if len(lines) != 1 {
+			t.Fatalf("boot0 attachments: %q, want one", lines)
+		}
+		f := strings.Fields(lines[0])
+		if len(f) < 4 || strings.Contains(lines[0], "incoming") {
+			t.Fatalf("boot0 attachment: %q", lines[0])
+		}
+		n, _ := strconv.Atoi(f[2])
+		return f[1], n
+	}
+	if h, _ := attachment(); h != "computed-1" {
+		t.Fatalf("boot0 attached to %s, want computed-1", h)
+	}
+
 	t.Run("live migration while the counter runs", func(t *testing.T) {
+		_, genBefore := attachment()
 		before, _ := v.con.LastRecord()
 		basalt("vm", "migrate", "agent", "--to", "computed-2", "--no-wait")
 		_, errOut, code := e.basalt(nil, "vm", "migrate", "agent", "--to", "computed-2")
@@ -315,6 +337,10 @@ func TestVMThroughBasaltUp(t *testing.T) {
 		}
 		if q := qemuOf("computed-1"); len(q) != 0 {
 			t.Fatalf("QEMU left on computed-1: %v", q)
+		}
+		// The attachment moved with the guest, to a newer generation: computed-1's sessions can no longer write.
+		if h, gen := attachment(); h != "computed-2" || gen <= genBefore {
+			t.Fatalf("after the migration boot0 is attached to %s at generation %d (before: %d)", h, gen, genBefore)
 		}
 		// And back with the CLI following it, compressed.
 		out := basalt("vm", "migrate", "agent", "--to", "computed-1", "--compress")
