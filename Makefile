@@ -62,6 +62,17 @@ bench: build
 	$(BIN)/basalt-netbench $(NETBENCHFLAGS)
 	$(BIN)/basalt-migbench $(MIGBENCHFLAGS)
 
+# The chaos suite (chaos/README.md, root and QEMU needed): the harness's self-tests, then every scenario on its
+# own multi-host cluster in network namespaces, each printing its timeline, bars and checks; ROUNDS=N runs N
+# randomized rounds on one cluster instead. CHAOSFLAGS passes flags to basalt-chaos (e.g. --scenarios kill-host).
+ROUNDS ?= 0
+CHAOSFLAGS ?=
+.PHONY: chaos
+chaos: build
+	$(GO) build -o $(BIN)/ ./chaos/cmd/basalt-chaos ./chaos/cmd/basalt-chaos-etcd
+	BASALT_BIN_DIR=$(BIN) $(GO) test -count=1 ./chaos/check/ ./chaos/cluster/
+	$(BIN)/basalt-chaos --bin-dir $(BIN) --rounds $(ROUNDS) $(CHAOSFLAGS)
+
 proto:
 	@command -v protoc >/dev/null || ./scripts/deps.sh
 	GOBIN=$(BIN) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
