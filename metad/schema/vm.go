@@ -29,3 +29,10 @@ func ComputeHostKey(node string) string { return ComputeHostsPrefix + node }
 
 // HostMaintenanceKey is the key of a host's maintenance record.
 func HostMaintenanceKey(node string) string { return HostMaintenancePrefix + node }
+
+// VMMeteringPrefix holds one VMMeteringHistory record per VM, keyed by name: its metering samples, appended by
+// the host it runs on (one write a minute) and bounded in length.
+const VMMeteringPrefix = Root + "metering/"
+
+// VMMeteringKey is the key of a VM's metering history.
+func VMMeteringKey(name string) string { return VMMeteringPrefix + name }

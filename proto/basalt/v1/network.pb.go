@@ -370,7 +370,12 @@ type Port struct {
 	Tap       string                 `protobuf:"bytes,7,opt,name=tap,proto3" json:"tap,omitempty"`
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// Revision of the port's record (output only); pass it in UpdatePortRequest to make the update conditional.
-	Revision      int64 `protobuf:"varint,9,opt,name=revision,proto3" json:"revision,omitempty"`
+	Revision int64 `protobuf:"varint,9,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Node ID of the netd of a live migration's destination (output only: computed sets it while it prepares
+	// the migration and clears it at the switchover or when the migration ends otherwise). That netd creates
+	// the tap and applies the policy so the destination hypervisor can open it, but traffic still goes to
+	// `host` until the switchover, which makes this the port's host.
+	IncomingHost  string `protobuf:"bytes,10,opt,name=incoming_host,json=incomingHost,proto3" json:"incoming_host,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -466,6 +471,13 @@ func (x *Port) GetRevision() int64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *Port) GetIncomingHost() string {
+	if x != nil {
+		return x.IncomingHost
+	}
+	return ""
 }
 
 // PortPolicy is what netd enforces on a port's traffic (docs/netd.md).
@@ -1637,7 +1649,7 @@ const file_basalt_v1_network_proto_rawDesc = "" +
 	"\aGateway\x12\x1c\n" +
 	"\taddresses\x18\x01 \x03(\tR\taddresses\x12\x10\n" +
 	"\x03nat\x18\x02 \x01(\bR\x03nat\x12\x10\n" +
-	"\x03mac\x18\x03 \x01(\tR\x03mac\"\x84\x02\n" +
+	"\x03mac\x18\x03 \x01(\tR\x03mac\"\xa9\x02\n" +
 	"\x04Port\x12\x18\n" +
 	"\anetwork\x18\x01 \x01(\tR\anetwork\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x10\n" +
@@ -1648,7 +1660,9 @@ const file_basalt_v1_network_proto_rawDesc = "" +
 	"\x03tap\x18\a \x01(\tR\x03tap\x129\n" +
 	"\n" +
 	"created_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1a\n" +
-	"\brevision\x18\t \x01(\x03R\brevision\"\xec\x02\n" +
+	"\brevision\x18\t \x01(\x03R\brevision\x12#\n" +
+	"\rincoming_host\x18\n" +
+	" \x01(\tR\fincomingHost\"\xec\x02\n" +
 	"\n" +
 	"PortPolicy\x12$\n" +
 	"\vspoof_guard\x18\x01 \x01(\bH\x00R\n" +

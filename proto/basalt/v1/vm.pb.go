@@ -2111,8 +2111,10 @@ func (x *CancelMigrationRequest) GetName() string {
 }
 
 type GetVMStatsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Also return the VM's metering history (VMStats.history), oldest first.
+	History       bool `protobuf:"varint,2,opt,name=history,proto3" json:"history,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2152,6 +2154,13 @@ func (x *GetVMStatsRequest) GetName() string {
 		return x.Name
 	}
 	return ""
+}
+
+func (x *GetVMStatsRequest) GetHistory() bool {
+	if x != nil {
+		return x.History
+	}
+	return false
 }
 
 type DiskStats struct {
@@ -2261,8 +2270,11 @@ type VMStats struct {
 	MemoryActualBytes  uint64       `protobuf:"varint,7,opt,name=memory_actual_bytes,json=memoryActualBytes,proto3" json:"memory_actual_bytes,omitempty"`
 	MemoryMaximumBytes uint64       `protobuf:"varint,8,opt,name=memory_maximum_bytes,json=memoryMaximumBytes,proto3" json:"memory_maximum_bytes,omitempty"`
 	Disks              []*DiskStats `protobuf:"bytes,9,rep,name=disks,proto3" json:"disks,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// With GetVMStatsRequest.history: one sample per minute over the last 24 hours, across every host the VM ran
+	// on (stored in etcd, schema.VMMeteringKey), oldest first.
+	History       []*VMMeteringSample `protobuf:"bytes,10,rep,name=history,proto3" json:"history,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VMStats) Reset() {
@@ -2358,6 +2370,186 @@ func (x *VMStats) GetDisks() []*DiskStats {
 	return nil
 }
 
+func (x *VMStats) GetHistory() []*VMMeteringSample {
+	if x != nil {
+		return x.History
+	}
+	return nil
+}
+
+// VMMeteringSample is a VM's use over one interval (normally a minute) on one host.
+type VMMeteringSample struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Start *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=start,proto3" json:"start,omitempty"`
+	End   *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=end,proto3" json:"end,omitempty"`
+	Host  string                 `protobuf:"bytes,3,opt,name=host,proto3" json:"host,omitempty"`
+	// CPU time used in the interval, and its average in CPUs (1.0 = one CPU busy).
+	CpuTimeNs uint64  `protobuf:"varint,4,opt,name=cpu_time_ns,json=cpuTimeNs,proto3" json:"cpu_time_ns,omitempty"`
+	CpuUsage  float64 `protobuf:"fixed64,5,opt,name=cpu_usage,json=cpuUsage,proto3" json:"cpu_usage,omitempty"`
+	// Memory the guest had at the end of the interval (balloon actual) and its target.
+	MemoryActualBytes uint64 `protobuf:"varint,6,opt,name=memory_actual_bytes,json=memoryActualBytes,proto3" json:"memory_actual_bytes,omitempty"`
+	MemoryTargetBytes uint64 `protobuf:"varint,7,opt,name=memory_target_bytes,json=memoryTargetBytes,proto3" json:"memory_target_bytes,omitempty"`
+	// Disk traffic in the interval, all disks together.
+	ReadBytes     uint64 `protobuf:"varint,8,opt,name=read_bytes,json=readBytes,proto3" json:"read_bytes,omitempty"`
+	WriteBytes    uint64 `protobuf:"varint,9,opt,name=write_bytes,json=writeBytes,proto3" json:"write_bytes,omitempty"`
+	ReadOps       uint64 `protobuf:"varint,10,opt,name=read_ops,json=readOps,proto3" json:"read_ops,omitempty"`
+	WriteOps      uint64 `protobuf:"varint,11,opt,name=write_ops,json=writeOps,proto3" json:"write_ops,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VMMeteringSample) Reset() {
+	*x = VMMeteringSample{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMMeteringSample) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMMeteringSample) ProtoMessage() {}
+
+func (x *VMMeteringSample) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMMeteringSample.ProtoReflect.Descriptor instead.
+func (*VMMeteringSample) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *VMMeteringSample) GetStart() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Start
+	}
+	return nil
+}
+
+func (x *VMMeteringSample) GetEnd() *timestamppb.Timestamp {
+	if x != nil {
+		return x.End
+	}
+	return nil
+}
+
+func (x *VMMeteringSample) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *VMMeteringSample) GetCpuTimeNs() uint64 {
+	if x != nil {
+		return x.CpuTimeNs
+	}
+	return 0
+}
+
+func (x *VMMeteringSample) GetCpuUsage() float64 {
+	if x != nil {
+		return x.CpuUsage
+	}
+	return 0
+}
+
+func (x *VMMeteringSample) GetMemoryActualBytes() uint64 {
+	if x != nil {
+		return x.MemoryActualBytes
+	}
+	return 0
+}
+
+func (x *VMMeteringSample) GetMemoryTargetBytes() uint64 {
+	if x != nil {
+		return x.MemoryTargetBytes
+	}
+	return 0
+}
+
+func (x *VMMeteringSample) GetReadBytes() uint64 {
+	if x != nil {
+		return x.ReadBytes
+	}
+	return 0
+}
+
+func (x *VMMeteringSample) GetWriteBytes() uint64 {
+	if x != nil {
+		return x.WriteBytes
+	}
+	return 0
+}
+
+func (x *VMMeteringSample) GetReadOps() uint64 {
+	if x != nil {
+		return x.ReadOps
+	}
+	return 0
+}
+
+func (x *VMMeteringSample) GetWriteOps() uint64 {
+	if x != nil {
+		return x.WriteOps
+	}
+	return 0
+}
+
+// VMMeteringHistory is the stored history of one VM (key schema.VMMeteringKey), bounded in length.
+type VMMeteringHistory struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Samples       []*VMMeteringSample    `protobuf:"bytes,1,rep,name=samples,proto3" json:"samples,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VMMeteringHistory) Reset() {
+	*x = VMMeteringHistory{}
+	mi := &file_basalt_v1_vm_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VMMeteringHistory) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VMMeteringHistory) ProtoMessage() {}
+
+func (x *VMMeteringHistory) ProtoReflect() protoreflect.Message {
+	mi := &file_basalt_v1_vm_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VMMeteringHistory.ProtoReflect.Descriptor instead.
+func (*VMMeteringHistory) Descriptor() ([]byte, []int) {
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *VMMeteringHistory) GetSamples() []*VMMeteringSample {
+	if x != nil {
+		return x.Samples
+	}
+	return nil
+}
+
 // ConsoleInput is a message from a console viewer. The first one names the VM and sets the options; the
 // others carry keystrokes.
 type ConsoleInput struct {
@@ -2382,7 +2574,7 @@ type ConsoleInput struct {
 
 func (x *ConsoleInput) Reset() {
 	*x = ConsoleInput{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[29]
+	mi := &file_basalt_v1_vm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2394,7 +2586,7 @@ func (x *ConsoleInput) String() string {
 func (*ConsoleInput) ProtoMessage() {}
 
 func (x *ConsoleInput) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[29]
+	mi := &file_basalt_v1_vm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2407,7 +2599,7 @@ func (x *ConsoleInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsoleInput.ProtoReflect.Descriptor instead.
 func (*ConsoleInput) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{29}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ConsoleInput) GetName() string {
@@ -2474,7 +2666,7 @@ type ConsoleOutput struct {
 
 func (x *ConsoleOutput) Reset() {
 	*x = ConsoleOutput{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[30]
+	mi := &file_basalt_v1_vm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2486,7 +2678,7 @@ func (x *ConsoleOutput) String() string {
 func (*ConsoleOutput) ProtoMessage() {}
 
 func (x *ConsoleOutput) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[30]
+	mi := &file_basalt_v1_vm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2499,7 +2691,7 @@ func (x *ConsoleOutput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsoleOutput.ProtoReflect.Descriptor instead.
 func (*ConsoleOutput) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{30}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ConsoleOutput) GetData() []byte {
@@ -2545,7 +2737,7 @@ type CloneVMRequest struct {
 
 func (x *CloneVMRequest) Reset() {
 	*x = CloneVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[31]
+	mi := &file_basalt_v1_vm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2557,7 +2749,7 @@ func (x *CloneVMRequest) String() string {
 func (*CloneVMRequest) ProtoMessage() {}
 
 func (x *CloneVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[31]
+	mi := &file_basalt_v1_vm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2570,7 +2762,7 @@ func (x *CloneVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloneVMRequest.ProtoReflect.Descriptor instead.
 func (*CloneVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{31}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CloneVMRequest) GetSource() string {
@@ -2625,7 +2817,7 @@ type ComputeHost struct {
 
 func (x *ComputeHost) Reset() {
 	*x = ComputeHost{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[32]
+	mi := &file_basalt_v1_vm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2637,7 +2829,7 @@ func (x *ComputeHost) String() string {
 func (*ComputeHost) ProtoMessage() {}
 
 func (x *ComputeHost) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[32]
+	mi := &file_basalt_v1_vm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2650,7 +2842,7 @@ func (x *ComputeHost) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ComputeHost.ProtoReflect.Descriptor instead.
 func (*ComputeHost) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{32}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ComputeHost) GetNode() string {
@@ -2732,7 +2924,7 @@ type HostMaintenance struct {
 
 func (x *HostMaintenance) Reset() {
 	*x = HostMaintenance{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[33]
+	mi := &file_basalt_v1_vm_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2744,7 +2936,7 @@ func (x *HostMaintenance) String() string {
 func (*HostMaintenance) ProtoMessage() {}
 
 func (x *HostMaintenance) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[33]
+	mi := &file_basalt_v1_vm_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2757,7 +2949,7 @@ func (x *HostMaintenance) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HostMaintenance.ProtoReflect.Descriptor instead.
 func (*HostMaintenance) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{33}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *HostMaintenance) GetNode() string {
@@ -2820,7 +3012,7 @@ type ComputeHostStatus struct {
 
 func (x *ComputeHostStatus) Reset() {
 	*x = ComputeHostStatus{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[34]
+	mi := &file_basalt_v1_vm_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2832,7 +3024,7 @@ func (x *ComputeHostStatus) String() string {
 func (*ComputeHostStatus) ProtoMessage() {}
 
 func (x *ComputeHostStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[34]
+	mi := &file_basalt_v1_vm_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2845,7 +3037,7 @@ func (x *ComputeHostStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ComputeHostStatus.ProtoReflect.Descriptor instead.
 func (*ComputeHostStatus) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{34}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ComputeHostStatus) GetHost() *ComputeHost {
@@ -2902,7 +3094,7 @@ type UpdateVMRequest struct {
 
 func (x *UpdateVMRequest) Reset() {
 	*x = UpdateVMRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[35]
+	mi := &file_basalt_v1_vm_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2914,7 +3106,7 @@ func (x *UpdateVMRequest) String() string {
 func (*UpdateVMRequest) ProtoMessage() {}
 
 func (x *UpdateVMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[35]
+	mi := &file_basalt_v1_vm_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2927,7 +3119,7 @@ func (x *UpdateVMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateVMRequest.ProtoReflect.Descriptor instead.
 func (*UpdateVMRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{35}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *UpdateVMRequest) GetName() string {
@@ -2959,7 +3151,7 @@ type ListHostsRequest struct {
 
 func (x *ListHostsRequest) Reset() {
 	*x = ListHostsRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[36]
+	mi := &file_basalt_v1_vm_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2971,7 +3163,7 @@ func (x *ListHostsRequest) String() string {
 func (*ListHostsRequest) ProtoMessage() {}
 
 func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[36]
+	mi := &file_basalt_v1_vm_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2984,7 +3176,7 @@ func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHostsRequest.ProtoReflect.Descriptor instead.
 func (*ListHostsRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{36}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{38}
 }
 
 type ListHostsResponse struct {
@@ -2996,7 +3188,7 @@ type ListHostsResponse struct {
 
 func (x *ListHostsResponse) Reset() {
 	*x = ListHostsResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[37]
+	mi := &file_basalt_v1_vm_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3008,7 +3200,7 @@ func (x *ListHostsResponse) String() string {
 func (*ListHostsResponse) ProtoMessage() {}
 
 func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[37]
+	mi := &file_basalt_v1_vm_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3021,7 +3213,7 @@ func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHostsResponse.ProtoReflect.Descriptor instead.
 func (*ListHostsResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{37}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ListHostsResponse) GetHosts() []*ComputeHostStatus {
@@ -3044,7 +3236,7 @@ type DrainHostRequest struct {
 
 func (x *DrainHostRequest) Reset() {
 	*x = DrainHostRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[38]
+	mi := &file_basalt_v1_vm_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3056,7 +3248,7 @@ func (x *DrainHostRequest) String() string {
 func (*DrainHostRequest) ProtoMessage() {}
 
 func (x *DrainHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[38]
+	mi := &file_basalt_v1_vm_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3069,7 +3261,7 @@ func (x *DrainHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainHostRequest.ProtoReflect.Descriptor instead.
 func (*DrainHostRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{38}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *DrainHostRequest) GetHost() string {
@@ -3113,7 +3305,7 @@ type DrainHostResponse struct {
 
 func (x *DrainHostResponse) Reset() {
 	*x = DrainHostResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[39]
+	mi := &file_basalt_v1_vm_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3125,7 +3317,7 @@ func (x *DrainHostResponse) String() string {
 func (*DrainHostResponse) ProtoMessage() {}
 
 func (x *DrainHostResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[39]
+	mi := &file_basalt_v1_vm_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3138,7 +3330,7 @@ func (x *DrainHostResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainHostResponse.ProtoReflect.Descriptor instead.
 func (*DrainHostResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{39}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *DrainHostResponse) GetHost() *ComputeHostStatus {
@@ -3171,7 +3363,7 @@ type UndrainHostRequest struct {
 
 func (x *UndrainHostRequest) Reset() {
 	*x = UndrainHostRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[40]
+	mi := &file_basalt_v1_vm_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3183,7 +3375,7 @@ func (x *UndrainHostRequest) String() string {
 func (*UndrainHostRequest) ProtoMessage() {}
 
 func (x *UndrainHostRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[40]
+	mi := &file_basalt_v1_vm_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3196,7 +3388,7 @@ func (x *UndrainHostRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndrainHostRequest.ProtoReflect.Descriptor instead.
 func (*UndrainHostRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{40}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *UndrainHostRequest) GetHost() string {
@@ -3216,7 +3408,7 @@ type PrepareIncomingRequest struct {
 
 func (x *PrepareIncomingRequest) Reset() {
 	*x = PrepareIncomingRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[41]
+	mi := &file_basalt_v1_vm_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3228,7 +3420,7 @@ func (x *PrepareIncomingRequest) String() string {
 func (*PrepareIncomingRequest) ProtoMessage() {}
 
 func (x *PrepareIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[41]
+	mi := &file_basalt_v1_vm_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3241,7 +3433,7 @@ func (x *PrepareIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareIncomingRequest.ProtoReflect.Descriptor instead.
 func (*PrepareIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{41}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *PrepareIncomingRequest) GetVm() *VM {
@@ -3260,7 +3452,7 @@ type PrepareIncomingResponse struct {
 
 func (x *PrepareIncomingResponse) Reset() {
 	*x = PrepareIncomingResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[42]
+	mi := &file_basalt_v1_vm_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3272,7 +3464,7 @@ func (x *PrepareIncomingResponse) String() string {
 func (*PrepareIncomingResponse) ProtoMessage() {}
 
 func (x *PrepareIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[42]
+	mi := &file_basalt_v1_vm_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3285,7 +3477,7 @@ func (x *PrepareIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareIncomingResponse.ProtoReflect.Descriptor instead.
 func (*PrepareIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{42}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *PrepareIncomingResponse) GetUri() string {
@@ -3305,7 +3497,7 @@ type AbortIncomingRequest struct {
 
 func (x *AbortIncomingRequest) Reset() {
 	*x = AbortIncomingRequest{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[43]
+	mi := &file_basalt_v1_vm_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3317,7 +3509,7 @@ func (x *AbortIncomingRequest) String() string {
 func (*AbortIncomingRequest) ProtoMessage() {}
 
 func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[43]
+	mi := &file_basalt_v1_vm_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3330,7 +3522,7 @@ func (x *AbortIncomingRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortIncomingRequest.ProtoReflect.Descriptor instead.
 func (*AbortIncomingRequest) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{43}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *AbortIncomingRequest) GetName() string {
@@ -3355,7 +3547,7 @@ type AbortIncomingResponse struct {
 
 func (x *AbortIncomingResponse) Reset() {
 	*x = AbortIncomingResponse{}
-	mi := &file_basalt_v1_vm_proto_msgTypes[44]
+	mi := &file_basalt_v1_vm_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3367,7 +3559,7 @@ func (x *AbortIncomingResponse) String() string {
 func (*AbortIncomingResponse) ProtoMessage() {}
 
 func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basalt_v1_vm_proto_msgTypes[44]
+	mi := &file_basalt_v1_vm_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3380,7 +3572,7 @@ func (x *AbortIncomingResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortIncomingResponse.ProtoReflect.Descriptor instead.
 func (*AbortIncomingResponse) Descriptor() ([]byte, []int) {
-	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{44}
+	return file_basalt_v1_vm_proto_rawDescGZIP(), []int{46}
 }
 
 var File_basalt_v1_vm_proto protoreflect.FileDescriptor
@@ -3555,9 +3747,10 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\x1abandwidth_bytes_per_second\x18\x04 \x01(\x04R\x17bandwidthBytesPerSecond\x12&\n" +
 	"\x0fmax_downtime_ms\x18\x05 \x01(\rR\rmaxDowntimeMs\",\n" +
 	"\x16CancelMigrationRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"'\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"A\n" +
 	"\x11GetVMStatsRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\xd7\x01\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\ahistory\x18\x02 \x01(\bR\ahistory\"\xd7\x01\n" +
 	"\tDiskStats\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x1d\n" +
 	"\n" +
@@ -3568,7 +3761,7 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\twrite_ops\x18\x05 \x01(\x04R\bwriteOps\x12\x1b\n" +
 	"\tread_iops\x18\x06 \x01(\x01R\breadIops\x12\x1d\n" +
 	"\n" +
-	"write_iops\x18\a \x01(\x01R\twriteIops\"\xe7\x02\n" +
+	"write_iops\x18\a \x01(\x01R\twriteIops\"\x9e\x03\n" +
 	"\aVMStats\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04host\x18\x02 \x01(\tR\x04host\x129\n" +
@@ -3579,7 +3772,26 @@ const file_basalt_v1_vm_proto_rawDesc = "" +
 	"\x13memory_target_bytes\x18\x06 \x01(\x04R\x11memoryTargetBytes\x12.\n" +
 	"\x13memory_actual_bytes\x18\a \x01(\x04R\x11memoryActualBytes\x120\n" +
 	"\x14memory_maximum_bytes\x18\b \x01(\x04R\x12memoryMaximumBytes\x12*\n" +
-	"\x05disks\x18\t \x03(\v2\x14.basalt.v1.DiskStatsR\x05disks\"\xe4\x01\n" +
+	"\x05disks\x18\t \x03(\v2\x14.basalt.v1.DiskStatsR\x05disks\x125\n" +
+	"\ahistory\x18\n" +
+	" \x03(\v2\x1b.basalt.v1.VMMeteringSampleR\ahistory\"\x9b\x03\n" +
+	"\x10VMMeteringSample\x120\n" +
+	"\x05start\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x05start\x12,\n" +
+	"\x03end\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x03end\x12\x12\n" +
+	"\x04host\x18\x03 \x01(\tR\x04host\x12\x1e\n" +
+	"\vcpu_time_ns\x18\x04 \x01(\x04R\tcpuTimeNs\x12\x1b\n" +
+	"\tcpu_usage\x18\x05 \x01(\x01R\bcpuUsage\x12.\n" +
+	"\x13memory_actual_bytes\x18\x06 \x01(\x04R\x11memoryActualBytes\x12.\n" +
+	"\x13memory_target_bytes\x18\a \x01(\x04R\x11memoryTargetBytes\x12\x1d\n" +
+	"\n" +
+	"read_bytes\x18\b \x01(\x04R\treadBytes\x12\x1f\n" +
+	"\vwrite_bytes\x18\t \x01(\x04R\n" +
+	"writeBytes\x12\x19\n" +
+	"\bread_ops\x18\n" +
+	" \x01(\x04R\areadOps\x12\x1b\n" +
+	"\twrite_ops\x18\v \x01(\x04R\bwriteOps\"J\n" +
+	"\x11VMMeteringHistory\x125\n" +
+	"\asamples\x18\x01 \x03(\v2\x1b.basalt.v1.VMMeteringSampleR\asamples\"\xe4\x01\n" +
 	"\fConsoleInput\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12\x1d\n" +
@@ -3721,7 +3933,7 @@ func file_basalt_v1_vm_proto_rawDescGZIP() []byte {
 }
 
 var file_basalt_v1_vm_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_basalt_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_basalt_v1_vm_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_basalt_v1_vm_proto_goTypes = []any{
 	(Firmware)(0),                   // 0: basalt.v1.Firmware
 	(VMPriority)(0),                 // 1: basalt.v1.VMPriority
@@ -3755,25 +3967,27 @@ var file_basalt_v1_vm_proto_goTypes = []any{
 	(*GetVMStatsRequest)(nil),       // 29: basalt.v1.GetVMStatsRequest
 	(*DiskStats)(nil),               // 30: basalt.v1.DiskStats
 	(*VMStats)(nil),                 // 31: basalt.v1.VMStats
-	(*ConsoleInput)(nil),            // 32: basalt.v1.ConsoleInput
-	(*ConsoleOutput)(nil),           // 33: basalt.v1.ConsoleOutput
-	(*CloneVMRequest)(nil),          // 34: basalt.v1.CloneVMRequest
-	(*ComputeHost)(nil),             // 35: basalt.v1.ComputeHost
-	(*HostMaintenance)(nil),         // 36: basalt.v1.HostMaintenance
-	(*ComputeHostStatus)(nil),       // 37: basalt.v1.ComputeHostStatus
-	(*UpdateVMRequest)(nil),         // 38: basalt.v1.UpdateVMRequest
-	(*ListHostsRequest)(nil),        // 39: basalt.v1.ListHostsRequest
-	(*ListHostsResponse)(nil),       // 40: basalt.v1.ListHostsResponse
-	(*DrainHostRequest)(nil),        // 41: basalt.v1.DrainHostRequest
-	(*DrainHostResponse)(nil),       // 42: basalt.v1.DrainHostResponse
-	(*UndrainHostRequest)(nil),      // 43: basalt.v1.UndrainHostRequest
-	(*PrepareIncomingRequest)(nil),  // 44: basalt.v1.PrepareIncomingRequest
-	(*PrepareIncomingResponse)(nil), // 45: basalt.v1.PrepareIncomingResponse
-	(*AbortIncomingRequest)(nil),    // 46: basalt.v1.AbortIncomingRequest
-	(*AbortIncomingResponse)(nil),   // 47: basalt.v1.AbortIncomingResponse
-	nil,                             // 48: basalt.v1.VMStatus.AttachGenerationsEntry
-	(*timestamppb.Timestamp)(nil),   // 49: google.protobuf.Timestamp
-	(*fieldmaskpb.FieldMask)(nil),   // 50: google.protobuf.FieldMask
+	(*VMMeteringSample)(nil),        // 32: basalt.v1.VMMeteringSample
+	(*VMMeteringHistory)(nil),       // 33: basalt.v1.VMMeteringHistory
+	(*ConsoleInput)(nil),            // 34: basalt.v1.ConsoleInput
+	(*ConsoleOutput)(nil),           // 35: basalt.v1.ConsoleOutput
+	(*CloneVMRequest)(nil),          // 36: basalt.v1.CloneVMRequest
+	(*ComputeHost)(nil),             // 37: basalt.v1.ComputeHost
+	(*HostMaintenance)(nil),         // 38: basalt.v1.HostMaintenance
+	(*ComputeHostStatus)(nil),       // 39: basalt.v1.ComputeHostStatus
+	(*UpdateVMRequest)(nil),         // 40: basalt.v1.UpdateVMRequest
+	(*ListHostsRequest)(nil),        // 41: basalt.v1.ListHostsRequest
+	(*ListHostsResponse)(nil),       // 42: basalt.v1.ListHostsResponse
+	(*DrainHostRequest)(nil),        // 43: basalt.v1.DrainHostRequest
+	(*DrainHostResponse)(nil),       // 44: basalt.v1.DrainHostResponse
+	(*UndrainHostRequest)(nil),      // 45: basalt.v1.UndrainHostRequest
+	(*PrepareIncomingRequest)(nil),  // 46: basalt.v1.PrepareIncomingRequest
+	(*PrepareIncomingResponse)(nil), // 47: basalt.v1.PrepareIncomingResponse
+	(*AbortIncomingRequest)(nil),    // 48: basalt.v1.AbortIncomingRequest
+	(*AbortIncomingResponse)(nil),   // 49: basalt.v1.AbortIncomingResponse
+	nil,                             // 50: basalt.v1.VMStatus.AttachGenerationsEntry
+	(*timestamppb.Timestamp)(nil),   // 51: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),   // 52: google.protobuf.FieldMask
 }
 var file_basalt_v1_vm_proto_depIdxs = []int32{
 	3,  // 0: basalt.v1.VMSpec.memory:type_name -> basalt.v1.VMMemory
@@ -3783,24 +3997,24 @@ var file_basalt_v1_vm_proto_depIdxs = []int32{
 	6,  // 4: basalt.v1.VMSpec.placement:type_name -> basalt.v1.VMPlacement
 	1,  // 5: basalt.v1.VMSpec.priority:type_name -> basalt.v1.VMPriority
 	7,  // 6: basalt.v1.VMSpec.monitoring:type_name -> basalt.v1.VMMonitoring
-	49, // 7: basalt.v1.VMStop.requested_at:type_name -> google.protobuf.Timestamp
-	49, // 8: basalt.v1.VMMigration.requested_at:type_name -> google.protobuf.Timestamp
-	49, // 9: basalt.v1.MigrationProgress.started_at:type_name -> google.protobuf.Timestamp
-	49, // 10: basalt.v1.MigrationProgress.finished_at:type_name -> google.protobuf.Timestamp
+	51, // 7: basalt.v1.VMStop.requested_at:type_name -> google.protobuf.Timestamp
+	51, // 8: basalt.v1.VMMigration.requested_at:type_name -> google.protobuf.Timestamp
+	51, // 9: basalt.v1.MigrationProgress.started_at:type_name -> google.protobuf.Timestamp
+	51, // 10: basalt.v1.MigrationProgress.finished_at:type_name -> google.protobuf.Timestamp
 	2,  // 11: basalt.v1.VMStatus.state:type_name -> basalt.v1.VMState
-	49, // 12: basalt.v1.VMStatus.last_error_at:type_name -> google.protobuf.Timestamp
+	51, // 12: basalt.v1.VMStatus.last_error_at:type_name -> google.protobuf.Timestamp
 	11, // 13: basalt.v1.VMStatus.migration:type_name -> basalt.v1.MigrationProgress
-	49, // 14: basalt.v1.VMStatus.started_at:type_name -> google.protobuf.Timestamp
-	49, // 15: basalt.v1.VMStatus.updated_at:type_name -> google.protobuf.Timestamp
-	49, // 16: basalt.v1.VMStatus.last_heartbeat:type_name -> google.protobuf.Timestamp
-	49, // 17: basalt.v1.VMStatus.monitor_resets:type_name -> google.protobuf.Timestamp
-	48, // 18: basalt.v1.VMStatus.attach_generations:type_name -> basalt.v1.VMStatus.AttachGenerationsEntry
-	49, // 19: basalt.v1.VMFailover.detected_at:type_name -> google.protobuf.Timestamp
-	49, // 20: basalt.v1.VMFailover.fenced_at:type_name -> google.protobuf.Timestamp
-	49, // 21: basalt.v1.VMFailover.placed_at:type_name -> google.protobuf.Timestamp
+	51, // 14: basalt.v1.VMStatus.started_at:type_name -> google.protobuf.Timestamp
+	51, // 15: basalt.v1.VMStatus.updated_at:type_name -> google.protobuf.Timestamp
+	51, // 16: basalt.v1.VMStatus.last_heartbeat:type_name -> google.protobuf.Timestamp
+	51, // 17: basalt.v1.VMStatus.monitor_resets:type_name -> google.protobuf.Timestamp
+	50, // 18: basalt.v1.VMStatus.attach_generations:type_name -> basalt.v1.VMStatus.AttachGenerationsEntry
+	51, // 19: basalt.v1.VMFailover.detected_at:type_name -> google.protobuf.Timestamp
+	51, // 20: basalt.v1.VMFailover.fenced_at:type_name -> google.protobuf.Timestamp
+	51, // 21: basalt.v1.VMFailover.placed_at:type_name -> google.protobuf.Timestamp
 	8,  // 22: basalt.v1.VM.spec:type_name -> basalt.v1.VMSpec
 	2,  // 23: basalt.v1.VM.state:type_name -> basalt.v1.VMState
-	49, // 24: basalt.v1.VM.created_at:type_name -> google.protobuf.Timestamp
+	51, // 24: basalt.v1.VM.created_at:type_name -> google.protobuf.Timestamp
 	2,  // 25: basalt.v1.VM.desired_state:type_name -> basalt.v1.VMState
 	9,  // 26: basalt.v1.VM.stop:type_name -> basalt.v1.VMStop
 	10, // 27: basalt.v1.VM.migration:type_name -> basalt.v1.VMMigration
@@ -3808,69 +4022,73 @@ var file_basalt_v1_vm_proto_depIdxs = []int32{
 	13, // 29: basalt.v1.VM.failover:type_name -> basalt.v1.VMFailover
 	8,  // 30: basalt.v1.CreateVMRequest.spec:type_name -> basalt.v1.VMSpec
 	14, // 31: basalt.v1.ListVMsResponse.vms:type_name -> basalt.v1.VM
-	49, // 32: basalt.v1.VMStats.sampled_at:type_name -> google.protobuf.Timestamp
+	51, // 32: basalt.v1.VMStats.sampled_at:type_name -> google.protobuf.Timestamp
 	30, // 33: basalt.v1.VMStats.disks:type_name -> basalt.v1.DiskStats
-	49, // 34: basalt.v1.ComputeHost.updated_at:type_name -> google.protobuf.Timestamp
-	49, // 35: basalt.v1.HostMaintenance.requested_at:type_name -> google.protobuf.Timestamp
-	35, // 36: basalt.v1.ComputeHostStatus.host:type_name -> basalt.v1.ComputeHost
-	36, // 37: basalt.v1.ComputeHostStatus.maintenance:type_name -> basalt.v1.HostMaintenance
-	8,  // 38: basalt.v1.UpdateVMRequest.spec:type_name -> basalt.v1.VMSpec
-	50, // 39: basalt.v1.UpdateVMRequest.update_mask:type_name -> google.protobuf.FieldMask
-	37, // 40: basalt.v1.ListHostsResponse.hosts:type_name -> basalt.v1.ComputeHostStatus
-	37, // 41: basalt.v1.DrainHostResponse.host:type_name -> basalt.v1.ComputeHostStatus
-	14, // 42: basalt.v1.DrainHostResponse.moving:type_name -> basalt.v1.VM
-	14, // 43: basalt.v1.PrepareIncomingRequest.vm:type_name -> basalt.v1.VM
-	15, // 44: basalt.v1.VMService.CreateVM:input_type -> basalt.v1.CreateVMRequest
-	16, // 45: basalt.v1.VMService.GetVM:input_type -> basalt.v1.GetVMRequest
-	17, // 46: basalt.v1.VMService.ListVMs:input_type -> basalt.v1.ListVMsRequest
-	19, // 47: basalt.v1.VMService.DeleteVM:input_type -> basalt.v1.DeleteVMRequest
-	21, // 48: basalt.v1.VMService.StartVM:input_type -> basalt.v1.StartVMRequest
-	22, // 49: basalt.v1.VMService.StopVM:input_type -> basalt.v1.StopVMRequest
-	23, // 50: basalt.v1.VMService.KillVM:input_type -> basalt.v1.KillVMRequest
-	24, // 51: basalt.v1.VMService.PauseVM:input_type -> basalt.v1.PauseVMRequest
-	25, // 52: basalt.v1.VMService.ResumeVM:input_type -> basalt.v1.ResumeVMRequest
-	26, // 53: basalt.v1.VMService.SetVMMemory:input_type -> basalt.v1.SetVMMemoryRequest
-	27, // 54: basalt.v1.VMService.MigrateVM:input_type -> basalt.v1.MigrateVMRequest
-	28, // 55: basalt.v1.VMService.CancelMigration:input_type -> basalt.v1.CancelMigrationRequest
-	29, // 56: basalt.v1.VMService.GetVMStats:input_type -> basalt.v1.GetVMStatsRequest
-	32, // 57: basalt.v1.VMService.StreamConsole:input_type -> basalt.v1.ConsoleInput
-	34, // 58: basalt.v1.VMService.CloneVM:input_type -> basalt.v1.CloneVMRequest
-	39, // 59: basalt.v1.VMService.ListHosts:input_type -> basalt.v1.ListHostsRequest
-	41, // 60: basalt.v1.VMService.DrainHost:input_type -> basalt.v1.DrainHostRequest
-	43, // 61: basalt.v1.VMService.UndrainHost:input_type -> basalt.v1.UndrainHostRequest
-	38, // 62: basalt.v1.VMService.UpdateVM:input_type -> basalt.v1.UpdateVMRequest
-	32, // 63: basalt.v1.ComputeService.StreamConsole:input_type -> basalt.v1.ConsoleInput
-	29, // 64: basalt.v1.ComputeService.GetVMStats:input_type -> basalt.v1.GetVMStatsRequest
-	44, // 65: basalt.v1.ComputeService.PrepareIncoming:input_type -> basalt.v1.PrepareIncomingRequest
-	46, // 66: basalt.v1.ComputeService.AbortIncoming:input_type -> basalt.v1.AbortIncomingRequest
-	14, // 67: basalt.v1.VMService.CreateVM:output_type -> basalt.v1.VM
-	14, // 68: basalt.v1.VMService.GetVM:output_type -> basalt.v1.VM
-	18, // 69: basalt.v1.VMService.ListVMs:output_type -> basalt.v1.ListVMsResponse
-	20, // 70: basalt.v1.VMService.DeleteVM:output_type -> basalt.v1.DeleteVMResponse
-	14, // 71: basalt.v1.VMService.StartVM:output_type -> basalt.v1.VM
-	14, // 72: basalt.v1.VMService.StopVM:output_type -> basalt.v1.VM
-	14, // 73: basalt.v1.VMService.KillVM:output_type -> basalt.v1.VM
-	14, // 74: basalt.v1.VMService.PauseVM:output_type -> basalt.v1.VM
-	14, // 75: basalt.v1.VMService.ResumeVM:output_type -> basalt.v1.VM
-	14, // 76: basalt.v1.VMService.SetVMMemory:output_type -> basalt.v1.VM
-	14, // 77: basalt.v1.VMService.MigrateVM:output_type -> basalt.v1.VM
-	14, // 78: basalt.v1.VMService.CancelMigration:output_type -> basalt.v1.VM
-	31, // 79: basalt.v1.VMService.GetVMStats:output_type -> basalt.v1.VMStats
-	33, // 80: basalt.v1.VMService.StreamConsole:output_type -> basalt.v1.ConsoleOutput
-	14, // 81: basalt.v1.VMService.CloneVM:output_type -> basalt.v1.VM
-	40, // 82: basalt.v1.VMService.ListHosts:output_type -> basalt.v1.ListHostsResponse
-	42, // 83: basalt.v1.VMService.DrainHost:output_type -> basalt.v1.DrainHostResponse
-	37, // 84: basalt.v1.VMService.UndrainHost:output_type -> basalt.v1.ComputeHostStatus
-	14, // 85: basalt.v1.VMService.UpdateVM:output_type -> basalt.v1.VM
-	33, // 86: basalt.v1.ComputeService.StreamConsole:output_type -> basalt.v1.ConsoleOutput
-	31, // 87: basalt.v1.ComputeService.GetVMStats:output_type -> basalt.v1.VMStats
-	45, // 88: basalt.v1.ComputeService.PrepareIncoming:output_type -> basalt.v1.PrepareIncomingResponse
-	47, // 89: basalt.v1.ComputeService.AbortIncoming:output_type -> basalt.v1.AbortIncomingResponse
-	67, // [67:90] is the sub-list for method output_type
-	44, // [44:67] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	32, // 34: basalt.v1.VMStats.history:type_name -> basalt.v1.VMMeteringSample
+	51, // 35: basalt.v1.VMMeteringSample.start:type_name -> google.protobuf.Timestamp
+	51, // 36: basalt.v1.VMMeteringSample.end:type_name -> google.protobuf.Timestamp
+	32, // 37: basalt.v1.VMMeteringHistory.samples:type_name -> basalt.v1.VMMeteringSample
+	51, // 38: basalt.v1.ComputeHost.updated_at:type_name -> google.protobuf.Timestamp
+	51, // 39: basalt.v1.HostMaintenance.requested_at:type_name -> google.protobuf.Timestamp
+	37, // 40: basalt.v1.ComputeHostStatus.host:type_name -> basalt.v1.ComputeHost
+	38, // 41: basalt.v1.ComputeHostStatus.maintenance:type_name -> basalt.v1.HostMaintenance
+	8,  // 42: basalt.v1.UpdateVMRequest.spec:type_name -> basalt.v1.VMSpec
+	52, // 43: basalt.v1.UpdateVMRequest.update_mask:type_name -> google.protobuf.FieldMask
+	39, // 44: basalt.v1.ListHostsResponse.hosts:type_name -> basalt.v1.ComputeHostStatus
+	39, // 45: basalt.v1.DrainHostResponse.host:type_name -> basalt.v1.ComputeHostStatus
+	14, // 46: basalt.v1.DrainHostResponse.moving:type_name -> basalt.v1.VM
+	14, // 47: basalt.v1.PrepareIncomingRequest.vm:type_name -> basalt.v1.VM
+	15, // 48: basalt.v1.VMService.CreateVM:input_type -> basalt.v1.CreateVMRequest
+	16, // 49: basalt.v1.VMService.GetVM:input_type -> basalt.v1.GetVMRequest
+	17, // 50: basalt.v1.VMService.ListVMs:input_type -> basalt.v1.ListVMsRequest
+	19, // 51: basalt.v1.VMService.DeleteVM:input_type -> basalt.v1.DeleteVMRequest
+	21, // 52: basalt.v1.VMService.StartVM:input_type -> basalt.v1.StartVMRequest
+	22, // 53: basalt.v1.VMService.StopVM:input_type -> basalt.v1.StopVMRequest
+	23, // 54: basalt.v1.VMService.KillVM:input_type -> basalt.v1.KillVMRequest
+	24, // 55: basalt.v1.VMService.PauseVM:input_type -> basalt.v1.PauseVMRequest
+	25, // 56: basalt.v1.VMService.ResumeVM:input_type -> basalt.v1.ResumeVMRequest
+	26, // 57: basalt.v1.VMService.SetVMMemory:input_type -> basalt.v1.SetVMMemoryRequest
+	27, // 58: basalt.v1.VMService.MigrateVM:input_type -> basalt.v1.MigrateVMRequest
+	28, // 59: basalt.v1.VMService.CancelMigration:input_type -> basalt.v1.CancelMigrationRequest
+	29, // 60: basalt.v1.VMService.GetVMStats:input_type -> basalt.v1.GetVMStatsRequest
+	34, // 61: basalt.v1.VMService.StreamConsole:input_type -> basalt.v1.ConsoleInput
+	36, // 62: basalt.v1.VMService.CloneVM:input_type -> basalt.v1.CloneVMRequest
+	41, // 63: basalt.v1.VMService.ListHosts:input_type -> basalt.v1.ListHostsRequest
+	43, // 64: basalt.v1.VMService.DrainHost:input_type -> basalt.v1.DrainHostRequest
+	45, // 65: basalt.v1.VMService.UndrainHost:input_type -> basalt.v1.UndrainHostRequest
+	40, // 66: basalt.v1.VMService.UpdateVM:input_type -> basalt.v1.UpdateVMRequest
+	34, // 67: basalt.v1.ComputeService.StreamConsole:input_type -> basalt.v1.ConsoleInput
+	29, // 68: basalt.v1.ComputeService.GetVMStats:input_type -> basalt.v1.GetVMStatsRequest
+	46, // 69: basalt.v1.ComputeService.PrepareIncoming:input_type -> basalt.v1.PrepareIncomingRequest
+	48, // 70: basalt.v1.ComputeService.AbortIncoming:input_type -> basalt.v1.AbortIncomingRequest
+	14, // 71: basalt.v1.VMService.CreateVM:output_type -> basalt.v1.VM
+	14, // 72: basalt.v1.VMService.GetVM:output_type -> basalt.v1.VM
+	18, // 73: basalt.v1.VMService.ListVMs:output_type -> basalt.v1.ListVMsResponse
+	20, // 74: basalt.v1.VMService.DeleteVM:output_type -> basalt.v1.DeleteVMResponse
+	14, // 75: basalt.v1.VMService.StartVM:output_type -> basalt.v1.VM
+	14, // 76: basalt.v1.VMService.StopVM:output_type -> basalt.v1.VM
+	14, // 77: basalt.v1.VMService.KillVM:output_type -> basalt.v1.VM
+	14, // 78: basalt.v1.VMService.PauseVM:output_type -> basalt.v1.VM
+	14, // 79: basalt.v1.VMService.ResumeVM:output_type -> basalt.v1.VM
+	14, // 80: basalt.v1.VMService.SetVMMemory:output_type -> basalt.v1.VM
+	14, // 81: basalt.v1.VMService.MigrateVM:output_type -> basalt.v1.VM
+	14, // 82: basalt.v1.VMService.CancelMigration:output_type -> basalt.v1.VM
+	31, // 83: basalt.v1.VMService.GetVMStats:output_type -> basalt.v1.VMStats
+	35, // 84: basalt.v1.VMService.StreamConsole:output_type -> basalt.v1.ConsoleOutput
+	14, // 85: basalt.v1.VMService.CloneVM:output_type -> basalt.v1.VM
+	42, // 86: basalt.v1.VMService.ListHosts:output_type -> basalt.v1.ListHostsResponse
+	44, // 87: basalt.v1.VMService.DrainHost:output_type -> basalt.v1.DrainHostResponse
+	39, // 88: basalt.v1.VMService.UndrainHost:output_type -> basalt.v1.ComputeHostStatus
+	14, // 89: basalt.v1.VMService.UpdateVM:output_type -> basalt.v1.VM
+	35, // 90: basalt.v1.ComputeService.StreamConsole:output_type -> basalt.v1.ConsoleOutput
+	31, // 91: basalt.v1.ComputeService.GetVMStats:output_type -> basalt.v1.VMStats
+	47, // 92: basalt.v1.ComputeService.PrepareIncoming:output_type -> basalt.v1.PrepareIncomingResponse
+	49, // 93: basalt.v1.ComputeService.AbortIncoming:output_type -> basalt.v1.AbortIncomingResponse
+	71, // [71:94] is the sub-list for method output_type
+	48, // [48:71] is the sub-list for method input_type
+	48, // [48:48] is the sub-list for extension type_name
+	48, // [48:48] is the sub-list for extension extendee
+	0,  // [0:48] is the sub-list for field type_name
 }
 
 func init() { file_basalt_v1_vm_proto_init() }
@@ -3884,7 +4102,7 @@ func file_basalt_v1_vm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basalt_v1_vm_proto_rawDesc), len(file_basalt_v1_vm_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   46,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
