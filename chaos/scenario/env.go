@@ -68,6 +68,10 @@ func (e *Env) spec(d VMDef) *basaltv1.VMSpec {
 		Priority: d.Priority,
 		Placement: &basaltv1.VMPlacement{PreferredHosts: d.Preferred, PossibleHosts: d.Possible,
 			AntiAffinityGroup: d.Group},
+		// Heartbeat monitoring as an operator would set it for protected VMs: the HA controller then starts a
+		// priority tier once the tier before it has booted (docs/ha.md). The timeout is generous: the suite's
+		// 2 cores are shared by up to nine TCG guests.
+		Monitoring: &basaltv1.VMMonitoring{Heartbeat: true, TimeoutSeconds: 30},
 	}
 }
 

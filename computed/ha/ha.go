@@ -56,7 +56,9 @@ type Config struct {
 	ElectionTTL time.Duration
 	// DaemonGrace is how long a host whose computed is down while its blockd is up keeps its VMs; 0: 60 s.
 	DaemonGrace time.Duration
-	// TierWait bounds the wait for a priority tier's VMs to run before the next tier is placed; 0: 20 s.
+	// TierWait bounds the wait for a priority tier's VMs to be up before the next tier is placed; 0: 5 s. It
+	// trades the head start of the higher tiers (their guests boot without the lower ones competing for the
+	// CPUs) against the time until the last VM is back.
 	TierWait time.Duration
 	// Interval is how often the leader looks at every host even without a change; 0: 1 s.
 	Interval time.Duration
@@ -88,7 +90,7 @@ func New(cfg Config) (*Controller, error) {
 		cfg.DaemonGrace = 60 * time.Second
 	}
 	if cfg.TierWait <= 0 {
-		cfg.TierWait = 20 * time.Second
+		cfg.TierWait = 5 * time.Second
 	}
 	if cfg.Interval <= 0 {
 		cfg.Interval = time.Second
@@ -281,14 +283,37 @@ func (c *Controller) failHost(ctx context.Context, host, why string, downSince t
 }
 
 // restart places vms (sorted for restart) off host, one priority tier at a time: a tier's VMs are placed
-// together, and the next tier waits until they run or TierWait passes.
+// together, and the next tier waits until they are up or TierWait passes — up meaning their guest agent's first
+// heartbeat for VMs with heartbeat monitoring (so a higher tier has booted before a lower one competes with it
+// for the CPUs), and their machine running for the others.
 func (c *Controller) restart(ctx context.Context, log *slog.Logger, host string, vms []*basaltv1.VM, rec *basaltv1.VMFailover) {
+	// No-auto-start VMs only need declaring stopped: at once, so that the host, should it come back, does not
+	// start them again.
+	var tiers []*basaltv1.VM
+	for _, vm := range vms {
+		if vm.GetSpec().GetPriority() != basaltv1.VMPriority_VM_PRIORITY_NO_AUTO_START {
+			tiers = append(tiers, vm)
+			continue
+		}
+		if _, err := c.cfg.VMs.Failover(ctx, vm.GetName(), host, rec); err != nil && !api.IsNotOnHost(err) {
+			log.Error("HA: declare a no-auto-start VM stopped", "vm", vm.GetName(), "err", err)
+			continue
+		}
+		log.Warn("HA: VM left stopped (priority no-auto-start)", "vm", vm.GetName())
+	}
+	vms = tiers
 	for len(vms) > 0 {
+		if c.hostUp(ctx, host) {
+			// Back (and fenced: its guests were killed or can no longer write): it restarts what is still
+			// assigned to it, as after any restart.
+			log.Warn("HA: the failed host is back; it restarts the VMs not moved yet", "vms", len(vms))
+			return
+		}
 		rank := api.PriorityRank(vms[0].GetSpec().GetPriority())
 		n := sort.Search(len(vms), func(i int) bool { return api.PriorityRank(vms[i].GetSpec().GetPriority()) > rank })
 		tier := vms[:n]
 		vms = vms[n:]
-		placed := map[string]string{}
+		placed := map[string]placement{}
 		for _, vm := range tier {
 			name := vm.GetName()
 			moved, err := c.cfg.VMs.Failover(ctx, name, host, rec)
@@ -305,11 +330,7 @@ func (c *Controller) restart(ctx context.Context, log *slog.Logger, host string,
 				log.Error("HA: move the VM", "vm", name, "err", err)
 				continue
 			}
-			if moved.GetDesiredState() == basaltv1.VMState_VM_STATE_STOPPED {
-				log.Warn("HA: VM left stopped (priority no-auto-start)", "vm", name)
-				continue
-			}
-			placed[name] = moved.GetHost()
+			placed[name] = placement{host: moved.GetHost(), beats: moved.GetSpec().GetMonitoring().GetHeartbeat()}
 			log.Warn("HA: VM restarting elsewhere", "vm", name, "to", moved.GetHost(), "priority", api.PriorityName(vm.GetSpec().GetPriority()))
 		}
 		if len(vms) > 0 && len(placed) > 0 {
@@ -318,14 +339,29 @@ func (c *Controller) restart(ctx context.Context, log *slog.Logger, host string,
 	}
 }
 
-// waitRunning waits until every VM of placed reports running on its new host, or TierWait passes.
-func (c *Controller) waitRunning(ctx context.Context, placed map[string]string) {
+// hostUp reports whether host's computed holds a live lease again.
+func (c *Controller) hostUp(ctx context.Context, host string) bool {
+	n, err := registry.Get(ctx, c.cfg.Store, host)
+	return err == nil && n.GetState() == basaltv1.NodeState_NODE_STATE_UP
+}
+
+// placement is where a tier's VM went, and whether its guest's heartbeat says it is up.
+type placement struct {
+	host  string
+	beats bool
+}
+
+// waitRunning waits until every VM of placed is up on its new host, or TierWait passes.
+func (c *Controller) waitRunning(ctx context.Context, placed map[string]placement) {
 	deadline := time.Now().Add(c.cfg.TierWait)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
 		all := true
-		for name, host := range placed {
-			st, err := store.Get[basaltv1.VMStatus](ctx, c.cfg.Store, schema.VMStatusKey(name))
-			if err != nil || st.Value.GetHost() != host || st.Value.GetState() != basaltv1.VMState_VM_STATE_RUNNING {
+		for name, p := range placed {
+			rec, err := store.Get[basaltv1.VMStatus](ctx, c.cfg.Store, schema.VMStatusKey(name))
+			st := rec.Value
+			// A new run's status starts without a heartbeat: one there was sent by this run's guest.
+			if err != nil || st.GetHost() != p.host || st.GetState() != basaltv1.VMState_VM_STATE_RUNNING ||
+				(p.beats && st.GetLastHeartbeat() == nil) {
 				all = false
 				break
 			}
