@@ -87,13 +87,24 @@ func (h *Host) pausesBeforeSwitchover() bool {
 	return ok && p.PausesBeforeSwitchover()
 }
 
-// switchover moves vm's disks to target: from then on only the target's sessions may write them.
+// switchover moves vm's disks to target: from then on only the target's sessions may write them. Then it moves
+// the VM's ports to the target's netd (nics.go). The disks go first because their move cannot be undone: a
+// failure there leaves everything at the source, where the guest can resume. Once they have moved the guest
+// can only go on at the target, so a failure to move the ports is then a *portsNotMoved, for the caller to
+// retry after the migration rather than cancel it.
 func (h *Host) switchover(ctx context.Context, vm *basaltv1.VM, target string) error {
-	if h.cfg.Attacher == nil || len(vm.GetSpec().GetDisks()) == 0 {
-		return nil
+	disksMoved := false
+	if h.cfg.Attacher != nil && len(vm.GetSpec().GetDisks()) > 0 {
+		if err := h.cfg.Attacher.Switchover(ctx, diskVolumes(vm), target); err != nil {
+			return fmt.Errorf("move the disks' attachments to %s: %w", target, err)
+		}
+		disksMoved = true
 	}
-	if err := h.cfg.Attacher.Switchover(ctx, diskVolumes(vm), target); err != nil {
-		return fmt.Errorf("move the disks' attachments to %s: %w", target, err)
+	if err := h.movePorts(ctx, vm, target); err != nil {
+		if disksMoved {
+			return &portsNotMoved{err}
+		}
+		return err
 	}
 	return nil
 }

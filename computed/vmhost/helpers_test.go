@@ -81,6 +81,8 @@ type env struct {
 	etcd  *etcdtest.Etcd
 	// leaseTTL is given to hosts started from now on (Config.LeaseTTL: self-fencing); 0: off.
 	leaseTTL time.Duration
+	// configure, if set, adjusts the Config of each host started from now on (its driver, netd, ...).
+	configure func(id string, c *Config)
 }
 
 type testHost struct {
@@ -195,9 +197,13 @@ func (e *env) startHost(th *testHost, memory uint64) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	th.h, err = New(Config{NodeID: th.id, Store: e.store, Driver: drv, RunDir: th.runDir, BlockdSocket: e.sock,
+	cfg := Config{NodeID: th.id, Store: e.store, Driver: drv, RunDir: th.runDir, BlockdSocket: e.sock,
 		MemoryBytes: memory, VCPUs: 2, MigrationHost: "127.0.0.1", Interval: 500 * time.Millisecond, LeaseTTL: e.leaseTTL,
-		Log: e.log.With("node", th.id)})
+		Log: e.log.With("node", th.id)}
+	if e.configure != nil {
+		e.configure(th.id, &cfg)
+	}
+	th.h, err = New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

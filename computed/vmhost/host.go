@@ -4,9 +4,9 @@
 // (a restart never kills a guest), and reports what it observes in each VM's status record. It multiplexes
 // every machine's serial console to viewers and a bounded console log, serves ComputeService (consoles, stats,
 // the destination side of live migration) on the node's gRPC server, drives live migrations as their source
-// (and so host drains), and exposes metering in the Prometheus text format. docs/compute.md describes the
-// protocol. It depends on computed/hypervisor, metad's store, schema, registry and watch packages, and the API
-// types; it never imports a driver.
+// (and so host drains), keeps each VM's metering history in etcd, and exposes metering in the Prometheus text
+// format. docs/compute.md describes the protocol. It depends on computed/hypervisor, metad's store, schema,
+// registry and watch packages, and the API types; it never imports a driver.
 package vmhost
 
 import (
@@ -50,6 +50,9 @@ type Config struct {
 	// NetdNode is the netd on this host; empty finds it in the registry (the netd with this host's name), and
 	// a host without one takes no VM with NICs.
 	NetdNode string
+	// TapExists reports whether netd has created a tap where the hypervisor opens it; nil looks in computed's
+	// own network namespace. (Tests whose hypervisor runs in another namespace look there.)
+	TapExists func(name string) bool
 	// MigrationHost is the address incoming migrations listen on.
 	MigrationHost string
 	// MaxMigrations is how many outgoing migrations run at once outside a drain (a drain says its own); 0: 2.
@@ -60,6 +63,12 @@ type Config struct {
 	StartTimeout time.Duration
 	// Interval is how often each machine is checked and metered; 0: 2 s.
 	Interval time.Duration
+	// MeteringInterval is how often a VM's use is appended to its metering history in etcd (metering.go);
+	// 0: a minute. It is measured in readings taken every Interval, so a sample spans at least this long.
+	MeteringInterval time.Duration
+	// MeteringSamples bounds each hour's record of a VM's metering history (the oldest samples are dropped);
+	// 0: 1440, no bound at one a minute (the history is kept for a day: metad/metering.Retention).
+	MeteringSamples int
 	// Accel, if set, names the accelerator guests run with (it may take a while: it runs in the background).
 	Accel func(ctx context.Context) (string, error)
 	// Attacher gives every machine's disks their attachment generations; nil opens disks without one (a host
@@ -115,6 +124,12 @@ func New(cfg Config) (*Host, error) {
 	}
 	if cfg.Interval <= 0 {
 		cfg.Interval = 2 * time.Second
+	}
+	if cfg.MeteringInterval <= 0 {
+		cfg.MeteringInterval = DefaultMeteringInterval
+	}
+	if cfg.MeteringSamples <= 0 {
+		cfg.MeteringSamples = DefaultMeteringSamples
 	}
 	if cfg.MigrationHost == "" {
 		cfg.MigrationHost = "127.0.0.1"

@@ -26,7 +26,8 @@ import (
 //  1. status "queued" until one of the host's migration slots is free (a drain sets how many);
 //  2. "preparing": ComputeService.PrepareIncoming on the target starts a machine waiting for the VM;
 //  3. "active": the driver streams memory and device state; progress goes to the VM's status;
-//  4. on completion the guest runs on the target. The source records "completed", then moves the VM's
+//  4. on completion the guest runs on the target (its disks and ports moved to the target in the pause before
+//     the switchover, nics.go). The source records "completed", then moves the VM's
 //     declaration to the target (host = target, migration cleared) in one compare-and-swap; the target
 //     adopts its incoming machine when it sees that, and the source kills its stopped copy.
 //  5. on failure or cancellation the driver has kept the guest running here; the source aborts the target's
@@ -48,6 +49,8 @@ type incoming struct {
 	uri string
 	// gens are the attachment generations its disks were opened with (PrepareIncoming).
 	gens map[string]uint64
+	// nics are the VM's NICs, whose ports carry this host's incoming placement until the switchover.
+	nics []*basaltv1.VMNic
 
 	exited atomic.Bool
 }
@@ -135,11 +138,24 @@ func (w *worker) migrate(ctx context.Context, m hypervisor.Machine, vm *basaltv1
 	progress(func(p *basaltv1.MigrationProgress) { p.Status = "active" })
 	opts := hypervisor.MigrateOptions{Compress: req.GetCompress(), BandwidthBytes: req.GetBandwidthBytesPerSecond(),
 		MaxDowntime: time.Duration(req.GetMaxDowntimeMs()) * time.Millisecond}
-	// The disks' attachments move to the target while the guest is stopped here for the last time (or, with a
-	// driver that cannot stop there, right after the migration: the target's were accepting writes already).
+	// The disks' attachments and the ports move to the target while the guest is stopped here for the last
+	// time (or, with a driver that cannot stop there, right after the migration: the target's disks were
+	// accepting writes already, and its taps were ready). Moving the ports before the device state is sent
+	// lets every netd converge while QEMU finishes, so the guest's traffic is at the target about when it
+	// resumes there.
 	pauses := w.h.pausesBeforeSwitchover()
+	var portsPending atomic.Bool
 	if pauses {
-		opts.BeforeSwitchover = func(ctx context.Context) error { return w.h.switchover(ctx, vm, req.GetTarget()) }
+		opts.BeforeSwitchover = func(ctx context.Context) error {
+			err := w.h.switchover(ctx, vm, req.GetTarget())
+			var pe *portsNotMoved
+			if errors.As(err, &pe) {
+				log.Error("the disks moved to the target but the ports did not; moving them after the migration", "err", err)
+				portsPending.Store(true)
+				return nil
+			}
+			return err
+		}
 	}
 	var lastReport time.Time
 	final, err := m.Migrate(ctx, resp.GetUri(), opts, func(s hypervisor.MigrationStatus) {
@@ -164,9 +180,9 @@ func (w *worker) migrate(ctx context.Context, m hypervisor.Machine, vm *basaltv1
 		w.endMigration(ctx, req, outcome, err)
 		return
 	}
-	if !pauses {
+	if !pauses || portsPending.Load() {
 		if err := w.h.switchover(context.WithoutCancel(ctx), vm, req.GetTarget()); err != nil {
-			log.Error("the VM migrated, but its disks' attachments did not move; the source's stay valid", "err", err)
+			log.Error("the VM migrated, but its disks' attachments or its ports did not move", "err", err)
 		}
 	}
 	w.setStatus(func(st *basaltv1.VMStatus) { st.AttachGenerations = nil }) // the switchover dropped them
@@ -296,9 +312,6 @@ func (h *Host) prepareIncoming(ctx context.Context, vm *basaltv1.VM) (string, er
 	if m := cur.Value.GetMigration(); m.GetId() != req.GetId() || m.GetCancel() {
 		return "", status.Errorf(codes.FailedPrecondition, "the migration %s of %s is no longer requested", req.GetId(), name)
 	}
-	if len(vm.GetSpec().GetNics()) > 0 {
-		return "", status.Errorf(codes.Unimplemented, "live migration of a VM with NICs is not built yet (its ports would have to move between the hosts' netd at the switchover)")
-	}
 	if in := h.getIncoming(name); in != nil {
 		if in.id == req.GetId() && !in.dead() {
 			return in.uri, nil
@@ -314,17 +327,26 @@ func (h *Host) prepareIncoming(ctx context.Context, vm *basaltv1.VM) (string, er
 	if err != nil {
 		return "", status.Error(codes.FailedPrecondition, err.Error())
 	}
+	nics, err := h.prepareNICs(ctx, vm)
+	if err != nil {
+		return "", err
+	}
+	prepared := false
+	defer func() {
+		if !prepared {
+			h.clearIncomingPorts(ctx, vm.GetSpec().GetNics())
+		}
+	}()
 	gens, err := h.prepareDisks(ctx, vm)
 	if err != nil {
 		return "", status.Error(codes.FailedPrecondition, err.Error())
 	}
-	prepared := false
 	defer func() {
 		if !prepared {
 			h.detachDisks(ctx, gens)
 		}
 	}()
-	spec := h.machineSpec(vm, &sock, nil, gens)
+	spec := h.machineSpec(vm, &sock, nics, gens)
 	opts := hypervisor.MigrateOptions{Compress: req.GetCompress()}
 	sctx, cancel := context.WithTimeout(ctx, h.cfg.StartTimeout)
 	defer cancel()
@@ -348,7 +370,7 @@ func (h *Host) prepareIncoming(ctx context.Context, vm *basaltv1.VM) (string, er
 		m.Close()
 		return "", status.Errorf(codes.Internal, "incoming machine: %v", err)
 	}
-	in := &incoming{id: req.GetId(), rev: vm.GetRevision(), m: m, con: con, uri: uri, gens: gens}
+	in := &incoming{id: req.GetId(), rev: vm.GetRevision(), m: m, con: con, uri: uri, gens: gens, nics: vm.GetSpec().GetNics()}
 	prepared = true
 	h.addIncoming(name, in)
 	h.dispatch(name, cur.Value, cur.ModRevision)
@@ -379,6 +401,7 @@ func (h *Host) addIncoming(name string, in *incoming) {
 		if mine {
 			h.log.Info("incoming machine exited before the migration completed", "vm", name, "migration", in.id)
 			in.release()
+			h.clearIncomingPorts(ctx, in.nics)
 		}
 	}()
 }
@@ -411,6 +434,7 @@ func (h *Host) dropIncoming(ctx context.Context, name, id, why string) bool {
 	h.log.Info("stopping an incoming machine", "vm", name, "migration", in.id, "why", why)
 	in.kill(ctx)
 	h.detachDisks(ctx, in.gens)
+	h.clearIncomingPorts(ctx, in.nics)
 	return true
 }
 

@@ -10,8 +10,6 @@ import (
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
 
 	"github.com/basalt-hv/basalt/computed/hypervisor"
-	"github.com/basalt-hv/basalt/metad/schema"
-	"github.com/basalt-hv/basalt/metad/store"
 )
 
 // machineSpec is the driver's spec of a VM on this host. Disks go through the local blockd's NBD socket (sock;
@@ -59,52 +57,55 @@ func (h *Host) machineSpec(vm *basaltv1.VM, sock *string, nics []hypervisor.NIC,
 	return s
 }
 
-// plugNICs binds the VM's ports to this host's netd and waits for the taps netd creates for them.
+// plugNICs binds the VM's ports to this host's netd and waits for the taps netd creates for them. A VM that
+// starts is not migrating: an incoming placement left on a port by a migration that ended without clearing
+// it is cleared on the way.
 func (h *Host) plugNICs(ctx context.Context, vm *basaltv1.VM) ([]hypervisor.NIC, error) {
 	if len(vm.GetSpec().GetNics()) == 0 {
 		return nil, nil
 	}
-	h.mu.Lock()
-	netd := h.hostRec.GetNetdNode()
-	h.mu.Unlock()
+	netd := h.netdNode()
 	if netd == "" {
 		return nil, errors.New("this host has no netd: it cannot plug the VM's NICs")
 	}
 	var out []hypervisor.NIC
 	for _, n := range vm.GetSpec().GetNics() {
-		key := schema.PortKey(n.GetNetwork(), n.GetPort())
-		var port *basaltv1.Port
-		for {
-			rec, err := store.Get[basaltv1.Port](ctx, h.cfg.Store, key)
-			if err != nil {
-				return nil, fmt.Errorf("port %s/%s: %w", n.GetNetwork(), n.GetPort(), err)
+		port, err := h.updatePort(ctx, n, func(p *basaltv1.Port) (bool, error) {
+			if p.GetHost() == netd && p.GetIncomingHost() == "" {
+				return false, nil
 			}
-			port = rec.Value
-			if port.GetHost() == netd {
-				break
-			}
-			port.Host = netd
-			_, err = h.cfg.Store.Update(ctx, key, port, rec.ModRevision)
-			if err == nil {
-				break
-			}
-			if !errors.Is(err, store.ErrConflict) {
-				return nil, fmt.Errorf("bind port %s/%s to %s: %w", n.GetNetwork(), n.GetPort(), netd, err)
-			}
+			p.Host, p.IncomingHost = netd, ""
+			return true, nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("bind port %s/%s to %s: %w", n.GetNetwork(), n.GetPort(), netd, err)
 		}
-		if err := waitForLink(ctx, port.GetTap(), 30*time.Second); err != nil {
+		if err := h.waitForTap(ctx, port.GetTap(), 30*time.Second); err != nil {
 			return nil, fmt.Errorf("port %s/%s: %w", n.GetNetwork(), n.GetPort(), err)
 		}
-		out = append(out, hypervisor.NIC{ID: n.GetPort(), MAC: port.GetMac(), Tap: port.GetTap()})
+		out = append(out, nicOf(n, port))
 	}
 	return out, nil
 }
 
-// waitForLink waits until netd has created the interface name.
-func waitForLink(ctx context.Context, name string, timeout time.Duration) error {
+// nicOf is the driver's NIC of a VM's port. The ID is the port's name, the same on every host, so that a
+// migration's two ends have the same devices.
+func nicOf(n *basaltv1.VMNic, p *basaltv1.Port) hypervisor.NIC {
+	return hypervisor.NIC{ID: n.GetPort(), MAC: p.GetMac(), Tap: p.GetTap()}
+}
+
+// waitForTap waits until netd has created the interface name where the hypervisor opens it.
+func (h *Host) waitForTap(ctx context.Context, name string, timeout time.Duration) error {
+	exists := h.cfg.TapExists
+	if exists == nil {
+		exists = func(name string) bool {
+			_, err := net.InterfaceByName(name)
+			return err == nil
+		}
+	}
 	deadline := time.Now().Add(timeout)
 	for {
-		if _, err := net.InterfaceByName(name); err == nil {
+		if exists(name) {
 			return nil
 		}
 		if time.Now().After(deadline) {

@@ -43,7 +43,8 @@ type worker struct {
 	mon      *monitor // the machine's agent channel (monitor.go)
 
 	// Owned by the run goroutine.
-	found        int // attempts at finding an earlier machine; -1 once done
+	meter        meter // metering history (metering.go)
+	found        int   // attempts at finding an earlier machine; -1 once done
 	startedAt    time.Time
 	applied      uint64    // balloon target applied to the machine
 	shutdownSent time.Time // stop request for which the power button was pressed
@@ -172,6 +173,7 @@ func openConsole(ctx context.Context, m hypervisor.Machine, dir string, logBytes
 
 // release closes the console and the handle; the process is not touched.
 func (w *worker) release() {
+	w.meterEnd() // before the readings are cleared: the last partial interval is recorded
 	w.stopMonitor()
 	w.mu.Lock()
 	m, con := w.m, w.con
@@ -303,7 +305,7 @@ func (w *worker) findEarlier(ctx context.Context, d *basaltv1.VM, rev int64) {
 			m.Close()
 			return
 		}
-		w.h.addIncoming(w.name, &incoming{id: d.GetMigration().GetId(), rev: rev, m: m, con: con})
+		w.h.addIncoming(w.name, &incoming{id: d.GetMigration().GetId(), rev: rev, m: m, con: con, nics: d.GetSpec().GetNics()})
 		return
 	}
 	if err := w.attach(ctx, m, nil); err != nil {
@@ -579,6 +581,7 @@ func (w *worker) runMachine(ctx context.Context, d *basaltv1.VM, rev int64) {
 	}
 	w.monitorGuest(ctx, d, m, info, mig != nil)
 	w.sample(ctx, m)
+	w.meterTick(ctx)
 	w.setStatus(func(st *basaltv1.VMStatus) {
 		st.State = stateOf(info.State)
 		if mig != nil {

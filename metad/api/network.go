@@ -325,6 +325,9 @@ func (s *NetworkServer) CreatePort(ctx context.Context, r *basaltv1.CreatePortRe
 	if in == nil {
 		return nil, invalid("no port given")
 	}
+	if in.GetIncomingHost() != "" {
+		return nil, invalid("port %q: incoming_host is set by computed while it live-migrates the port's VM, not through the API", in.GetName())
+	}
 	nrec, err := s.getNetwork(ctx, in.GetNetwork())
 	if err != nil {
 		return nil, err
@@ -438,7 +441,8 @@ func (s *NetworkServer) ListPorts(ctx context.Context, r *basaltv1.ListPortsRequ
 	return out, nil
 }
 
-// UpdatePort replaces a port's host, addresses and policy, moving its IP claims in the same transaction.
+// UpdatePort replaces a port's host, addresses and policy, moving its IP claims in the same transaction. The
+// incoming placement of a live migration (incoming_host) is kept as it is.
 func (s *NetworkServer) UpdatePort(ctx context.Context, r *basaltv1.UpdatePortRequest) (*basaltv1.Port, error) {
 	in := r.GetPort()
 	if in == nil {
@@ -475,6 +479,12 @@ func (s *NetworkServer) UpdatePort(ctx context.Context, r *basaltv1.UpdatePortRe
 		if p.GetTap() != old.GetTap() {
 			return invalid("port %q: the tap cannot change (%s)", p.GetName(), old.GetTap())
 		}
+		// The incoming placement belongs to the live migration that set it: an update that leaves it out (or
+		// carries what it read) keeps it, one that tries to change it is refused.
+		if h := p.GetIncomingHost(); h != "" && h != old.GetIncomingHost() {
+			return invalid("port %q: incoming_host is set by computed while it live-migrates the port's VM, not through the API", p.GetName())
+		}
+		p.IncomingHost = old.GetIncomingHost()
 		p.CreatedAt = old.GetCreatedAt()
 		p.Revision = 0
 		nw, name := p.GetNetwork(), p.GetName()

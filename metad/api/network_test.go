@@ -308,7 +308,36 @@ func TestUpdatePort(t *testing.T) {
 	wantCode(t, "MAC change", err, codes.InvalidArgument, "the MAC cannot change")
 	_, err = ns.DeletePort(ctx, &basaltv1.DeletePortRequest{Network: "a", Name: "q"})
 	wantCode(t, "delete a mirror target", err, codes.FailedPrecondition, `port "q" is the mirror target of p`)
+	bad = clonePort(p2)
+	bad.IncomingHost = "h3"
+	_, err = ns.UpdatePort(ctx, &basaltv1.UpdatePortRequest{Port: bad})
+	wantCode(t, "setting the incoming placement", err, codes.InvalidArgument, "incoming_host is set by computed")
+	_, err = ns.CreatePort(ctx, &basaltv1.CreatePortRequest{Port: &basaltv1.Port{Network: "a", Name: "r", Host: "h1", IncomingHost: "h2"}})
+	wantCode(t, "creating a port with an incoming placement", err, codes.InvalidArgument, "incoming_host is set by computed")
 	sameKeys(t, "refused UpdatePort/DeletePort", before, netKeys(t, s))
+
+	// computed sets the incoming placement of a migration in etcd; an update through the API keeps it, whether
+	// it leaves it out or sends back what it read.
+	rec, err := store.Get[basaltv1.Port](ctx, s, schema.PortKey("a", "p"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec.Value.IncomingHost = "h3"
+	if _, err := s.Update(ctx, rec.Key, rec.Value, rec.ModRevision); err != nil {
+		t.Fatal(err)
+	}
+	for _, keep := range []string{"", "h3"} {
+		upd := clonePort(p2)
+		upd.IncomingHost = keep
+		upd.Policy.Isolated = keep == ""
+		got, err := ns.UpdatePort(ctx, &basaltv1.UpdatePortRequest{Port: upd})
+		if err != nil {
+			t.Fatalf("update with incoming_host %q: %v", keep, err)
+		}
+		if got.GetIncomingHost() != "h3" || got.GetPolicy().GetIsolated() != (keep == "") {
+			t.Fatalf("update with incoming_host %q: got %v", keep, got)
+		}
+	}
 
 	got, err := ns.ListPorts(ctx, &basaltv1.ListPortsRequest{Host: "h2"})
 	if err != nil || len(got.GetPorts()) != 1 || got.GetPorts()[0].GetName() != "p" {

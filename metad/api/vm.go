@@ -370,8 +370,8 @@ func (s *VMServer) ListVMs(ctx context.Context, r *basaltv1.ListVMsRequest) (*ba
 	return out, nil
 }
 
-// DeleteVM removes a VM's declaration and status. A VM that runs is refused unless forced; its host then
-// kills it when it sees the declaration gone.
+// DeleteVM removes a VM's declaration, status and metering history. A VM that runs is refused unless forced;
+// its host then kills it when it sees the declaration gone.
 func (s *VMServer) DeleteVM(ctx context.Context, r *basaltv1.DeleteVMRequest) (*basaltv1.DeleteVMResponse, error) {
 	_, err := s.updateVM(ctx, r.GetName(), func(w *vmWorld, vm *basaltv1.VM) (*basaltv1.VM, error) {
 		st := w.statuses[r.GetName()]

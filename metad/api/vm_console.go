@@ -10,6 +10,7 @@ import (
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
 
+	"github.com/basalt-hv/basalt/metad/metering"
 	"github.com/basalt-hv/basalt/metad/schema"
 	"github.com/basalt-hv/basalt/metad/store"
 	"google.golang.org/grpc/codes"
@@ -194,18 +195,38 @@ func (s *VMServer) followVM(ctx context.Context, name, host string, outage time.
 	}
 }
 
-// GetVMStats relays to the VM's host.
+// GetVMStats relays to the VM's host for the current meters. With history it also reads the VM's metering
+// history from etcd, where the hosts keep it, and then answers for a VM that does not run (or whose host does
+// not answer) too: the history is what was asked for, and the current meters are left empty (no host, no
+// sampled_at).
 func (s *VMServer) GetVMStats(ctx context.Context, r *basaltv1.GetVMStatsRequest) (*basaltv1.VMStats, error) {
 	rec, st, err := s.get(ctx, r.GetName())
 	if err != nil {
 		return nil, err
 	}
-	if !running(st) || st.GetHost() != rec.Value.GetHost() {
-		return nil, status.Errorf(codes.FailedPrecondition, "VM %q is %s: meters exist only while it runs", r.GetName(), stateWord(observedState(rec.Value, st)))
+	live, err := s.liveStats(ctx, r.GetName(), rec.Value, st)
+	if !r.GetHistory() {
+		return live, err
+	}
+	hist, herr := metering.History(ctx, s.Store, r.GetName())
+	if herr != nil {
+		return nil, toStatus(herr)
+	}
+	if err != nil {
+		live = &basaltv1.VMStats{Name: r.GetName()}
+	}
+	live.History = hist
+	return live, nil
+}
+
+// liveStats asks the VM's host for its current meters.
+func (s *VMServer) liveStats(ctx context.Context, name string, vm *basaltv1.VM, st *basaltv1.VMStatus) (*basaltv1.VMStats, error) {
+	if !running(st) || st.GetHost() != vm.GetHost() {
+		return nil, status.Errorf(codes.FailedPrecondition, "VM %q is %s: meters exist only while it runs", name, stateWord(observedState(vm, st)))
 	}
 	c, err := s.compute(ctx, st.GetHost())
 	if err != nil {
 		return nil, err
 	}
-	return c.GetVMStats(ctx, r)
+	return c.GetVMStats(ctx, &basaltv1.GetVMStatsRequest{Name: name})
 }

@@ -54,7 +54,7 @@ func (w *vmWorld) planMigration(name string, vm *basaltv1.VM, target string) (*b
 		return nil, status.Errorf(codes.FailedPrecondition, "VM %q's host %s is down", name, source)
 	}
 	req := placeRequest{vm: name, spec: vm.GetSpec(), memory: memoryTarget(vm), exclude: []string{source},
-		hypervisor: w.hosts[source].GetHypervisor()}
+		hypervisor: w.hosts[source].GetHypervisor(), sourceNetd: w.hosts[source].GetNetdNode()}
 	if target == "" {
 		var err error
 		if target, err = w.place(req); err != nil {

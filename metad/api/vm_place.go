@@ -10,6 +10,7 @@ import (
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
 
+	"github.com/basalt-hv/basalt/metad/metering"
 	"github.com/basalt-hv/basalt/metad/registry"
 	"github.com/basalt-hv/basalt/metad/schema"
 	"github.com/basalt-hv/basalt/metad/store"
@@ -155,6 +156,9 @@ type placeRequest struct {
 	hypervisor string
 	// last is the host the VM last ran on, preferred among otherwise equal hosts.
 	last string
+	// sourceNetd, for a migration of a VM with NICs, is the netd of its source: a target sharing it cannot take
+	// the VM (one tap cannot be held by two QEMUs; docs/netd.md).
+	sourceNetd string
 }
 
 // candidates are the hosts the VM may ever run on: registered compute hosts, within its possible hosts.
@@ -190,6 +194,9 @@ func (w *vmWorld) check(host string, r placeRequest) error {
 	}
 	if len(r.spec.GetNics()) > 0 && h.GetNetdNode() == "" {
 		return status.Errorf(codes.FailedPrecondition, "host %q lacks the VM's networks (%s): it has no netd", host, strings.Join(nicNetworks(r.spec), ", "))
+	}
+	if len(r.spec.GetNics()) > 0 && r.sourceNetd != "" && h.GetNetdNode() == r.sourceNetd {
+		return status.Errorf(codes.FailedPrecondition, "host %q shares netd %s with the VM's host: a VM with NICs migrates only to a host with a netd of its own", host, r.sourceNetd)
 	}
 	if maxMem := maxMemoryOf(r.spec); maxMem > h.GetMemoryBytes() {
 		return status.Errorf(codes.FailedPrecondition, "host %q offers %s of memory, the VM may grow to %s", host, sizeText(h.GetMemoryBytes()), sizeText(maxMem))
@@ -290,7 +297,7 @@ func sizeText(n uint64) string {
 // putVM writes a VM's declaration in a transaction that holds only if no declaration changed since w was read:
 // placement decisions (memory committed per host) are made on w, so a concurrent start or migration elsewhere
 // forces a fresh look instead of committing the same memory twice. It bumps the generation. A nil vm deletes
-// the declaration and the status. It returns the new revision, or store.ErrConflict (wrapped).
+// the declaration, the status and the metering history. It returns the new revision, or store.ErrConflict (wrapped).
 func (s *VMServer) putVM(ctx context.Context, w *vmWorld, name string, vm *basaltv1.VM, create bool) (int64, error) {
 	key := schema.VMKey(name)
 	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(schema.VMsPrefix).WithPrefix(), "<", w.rev+1)}
@@ -299,7 +306,7 @@ func (s *VMServer) putVM(ctx context.Context, w *vmWorld, name string, vm *basal
 	}
 	var ops []clientv3.Op
 	if vm == nil {
-		ops = []clientv3.Op{clientv3.OpDelete(key), clientv3.OpDelete(schema.VMStatusKey(name))}
+		ops = []clientv3.Op{clientv3.OpDelete(key), clientv3.OpDelete(schema.VMStatusKey(name)), metering.DeleteOp(name)}
 	} else {
 		vm.Generation++
 		vm.Status, vm.State, vm.Revision = nil, basaltv1.VMState_VM_STATE_UNSPECIFIED, 0

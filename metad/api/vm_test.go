@@ -197,6 +197,7 @@ func TestVMLifecycleDeclarations(t *testing.T) {
 	e.host("computed-1", 1024, "netd-1")
 	e.host("computed-2", 1024, "")
 	e.host("computed-3", 128, "netd-3")
+	e.host("computed-4", 1024, "netd-1") // shares computed-1's netd
 	withNIC := &basaltv1.VMSpec{Kernel: "/k", Memory: &basaltv1.VMMemory{StartupBytes: 256 * mib, MinimumBytes: 128 * mib, MaximumBytes: 512 * mib},
 		Disks: []*basaltv1.VMDisk{{Volume: "d1", BootOrder: 1}}, Nics: []*basaltv1.VMNic{{Network: "net1", Port: "p1"}}}
 	vm, err := e.vms.CreateVM(e.ctx, &basaltv1.CreateVMRequest{Name: "web", Spec: withNIC, Start: true})
@@ -214,6 +215,8 @@ func TestVMLifecycleDeclarations(t *testing.T) {
 	expectCode(t, "a migration to a host that lacks the network", err, codes.FailedPrecondition, "lacks the VM's networks (net1)")
 	_, err = e.vms.MigrateVM(e.ctx, &basaltv1.MigrateVMRequest{Name: "web", TargetHost: "computed-3"})
 	expectCode(t, "a migration to a host without room", err, codes.FailedPrecondition, "offers 128 MiB")
+	_, err = e.vms.MigrateVM(e.ctx, &basaltv1.MigrateVMRequest{Name: "web", TargetHost: "computed-4"})
+	expectCode(t, "a migration to a host sharing the source's netd", err, codes.FailedPrecondition, "shares netd netd-1")
 	_, err = e.vms.MigrateVM(e.ctx, &basaltv1.MigrateVMRequest{Name: "web"})
 	expectCode(t, "a migration with no possible target", err, codes.FailedPrecondition, "no host can take")
 	got, _ := e.vms.GetVM(e.ctx, &basaltv1.GetVMRequest{Name: "web"})

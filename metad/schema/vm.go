@@ -1,5 +1,7 @@
 package schema
 
+import "time"
+
 // VMs and compute hosts (docs/compute.md). A VM has two records so that each has one writer: its declaration
 // (VM, written by metad) and its status (VMStatus, written by the computed the VM is assigned to).
 
@@ -30,9 +32,15 @@ func ComputeHostKey(node string) string { return ComputeHostsPrefix + node }
 // HostMaintenanceKey is the key of a host's maintenance record.
 func HostMaintenanceKey(node string) string { return HostMaintenancePrefix + node }
 
-// VMMeteringPrefix holds one VMMeteringHistory record per VM, keyed by name: its metering samples, appended by
-// the host it runs on (one write a minute) and bounded in length.
+// VMMeteringPrefix holds VMs' metering histories: per VM, one VMMeteringHistory record per hour of samples
+// (keyed "<vm>/<hour>", the hour in UTC as 2006-01-02T15), appended by the host the VM runs on once a minute.
+// An append rewrites one small record, never a day's worth: etcd keeps every version until it compacts.
 const VMMeteringPrefix = Root + "metering/"
 
-// VMMeteringKey is the key of a VM's metering history.
-func VMMeteringKey(name string) string { return VMMeteringPrefix + name }
+// VMMeteringVMPrefix is the prefix of one VM's metering records.
+func VMMeteringVMPrefix(name string) string { return VMMeteringPrefix + name + "/" }
+
+// VMMeteringKey is the key of the record of a VM's samples that end in the hour of t.
+func VMMeteringKey(name string, t time.Time) string {
+	return VMMeteringVMPrefix(name) + t.UTC().Format("2006-01-02T15")
+}

@@ -1,6 +1,7 @@
 // Package agent is netd's control plane on one host: it watches the virtual networks, ports and netd hosts
-// declared in etcd, builds the dataplane.HostState of its own host from them (its ports as local ports, the
-// ports of the same networks on other hosts as remote ports behind those hosts' VTEPs), hands it to the data
+// declared in etcd, builds the dataplane.HostState of its own host from them (its ports, and the ports a live
+// migration brings to it, as local ports; the ports of the same networks on other hosts as remote ports behind
+// those hosts' VTEPs), hands it to the data
 // plane, and does so again whenever etcd changes. It publishes its host's underlay address for the other
 // hosts, and serves the port counters (NetdService). It depends on metad/store, metad/watch, metad/schema,
 // the API types and netd/dataplane; it never imports metad's server side.
@@ -404,7 +405,7 @@ func (a *Agent) localPorts() int {
 	defer a.mu.Unlock()
 	n := 0
 	for _, p := range a.ports {
-		if p.GetHost() == a.cfg.NodeID {
+		if p.GetHost() == a.cfg.NodeID || p.GetIncomingHost() == a.cfg.NodeID {
 			n++
 		}
 	}
@@ -487,7 +488,10 @@ func buildState(in inputs) (dataplane.HostState, []string) {
 	taps := map[string]string{}
 	for _, k := range keys {
 		p := in.ports[k]
-		if p.GetHost() != in.me {
+		// A live migration's destination gets the tap and policy of the ports coming to it, so that its
+		// hypervisor can open the tap before the switchover; their traffic follows host until then (below).
+		incoming := p.GetHost() != in.me && p.GetIncomingHost() == in.me
+		if p.GetHost() != in.me && !incoming {
 			continue
 		}
 		nw := in.nets[p.GetNetwork()]
@@ -515,6 +519,9 @@ func buildState(in inputs) (dataplane.HostState, []string) {
 			}
 			dp.Policy.Extension = true
 		}
+		// With a host elsewhere the port is also a remote port here: its MAC's FDB and neighbour entries keep
+		// pointing at that host. Without a host there is nowhere else for its traffic to go.
+		dp.Incoming = incoming && p.GetHost() != ""
 		taps[dp.Tap] = k
 		st.Ports = append(st.Ports, dp)
 		local[p.GetNetwork()] = true

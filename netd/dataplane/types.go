@@ -122,6 +122,11 @@ type Port struct {
 	// from the bridge when the port goes away.
 	Tap    string
 	Policy PortPolicy
+	// Incoming marks a live migration's destination: the tap and its policy are here so that the destination
+	// hypervisor can open it, but the port still lives on another host until the switchover, so its MAC may
+	// also be a RemotePort's of the same network (whose FDB and neighbour entries keep sending its traffic
+	// there). Nothing else differs from a local port: the tap is on the bridge and up, ready for the guest.
+	Incoming bool
 }
 
 // RemotePort is a port living on another host.
@@ -266,7 +271,8 @@ func (s *HostState) validate(prefix string) error {
 	}
 	names := map[string]bool{}
 	taps := map[string]bool{}
-	macs := map[string]string{} // network/MAC -> owner
+	macs := map[string]string{}   // network/MAC -> owner
+	incoming := map[string]bool{} // network/MAC of Incoming ports: one RemotePort may share it
 	for _, n := range s.Networks {
 		if n.Gateway != nil {
 			macs[n.Name+"/"+n.Gateway.MAC.String()] = "the gateway"
@@ -301,6 +307,9 @@ func (s *HostState) validate(prefix string) error {
 			return fmt.Errorf("port %q: MAC %s already used by %s in network %q", p.Name, p.MAC, o, p.Network)
 		}
 		macs[k] = "port " + p.Name
+		if p.Incoming {
+			incoming[k] = true
+		}
 		for _, ip := range p.IPs {
 			if !ip.IsValid() || ip.Zone() != "" {
 				return fmt.Errorf("port %q: invalid IP %v", p.Name, ip)
@@ -351,9 +360,10 @@ func (s *HostState) validate(prefix string) error {
 			return fmt.Errorf("remote port %s: a port cannot be both isolated and promiscuous", r.MAC)
 		}
 		k := r.Network + "/" + r.MAC.String()
-		if o, dup := macs[k]; dup {
+		if o, dup := macs[k]; dup && !incoming[k] {
 			return fmt.Errorf("remote port %s: MAC already used by %s in network %q", r.MAC, o, r.Network)
 		}
+		delete(incoming, k) // the port's current host; a second remote port with its MAC is a conflict
 		macs[k] = "remote port on " + r.HostVTEP.String()
 		for _, ip := range r.IPs {
 			if !ip.IsValid() || ip.Zone() != "" {

@@ -51,7 +51,12 @@ func TestValidate(t *testing.T) {
 		"acl duplicate id": func(s *HostState) {
 			s.Ports[0].Policy.ACL = append(s.Ports[0].Policy.ACL, ACLRule{ID: "0", Direction: In, Action: Deny})
 		},
-		"remote mac clash":     func(s *HostState) { s.Remote[0].MAC = s.Ports[0].MAC },
+		"remote mac clash": func(s *HostState) { s.Remote[0].MAC = s.Ports[0].MAC },
+		"incoming mac twice remote": func(s *HostState) {
+			s.Ports[0].Incoming = true
+			s.Remote[0].MAC = s.Ports[0].MAC
+			s.Remote = append(s.Remote, RemotePort{Network: "a", MAC: s.Ports[0].MAC, HostVTEP: netip.MustParseAddr("192.0.2.3")})
+		},
 		"remote unknown net":   func(s *HostState) { s.Remote[0].Network = "zz" },
 		"remote vtep is us":    func(s *HostState) { s.Remote[0].HostVTEP = s.UnderlayIP },
 		"remote vtep family":   func(s *HostState) { s.Remote[0].HostVTEP = netip.MustParseAddr("2001:db8::1") },
@@ -63,6 +68,14 @@ func TestValidate(t *testing.T) {
 		if err := s.validate("bs"); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+	// A live migration's destination: the incoming port shares its MAC with the remote port its traffic still
+	// goes to.
+	in := normalize(validState())
+	in.Ports[0].Incoming = true
+	in.Remote[0].MAC = in.Ports[0].MAC
+	if err := in.validate("bs"); err != nil {
+		t.Errorf("incoming port with its remote twin rejected: %v", err)
 	}
 }
 

@@ -542,20 +542,38 @@ func (a *app) vmMemoryCmd() *cobra.Command {
 }
 
 func (a *app) vmStatsCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:               "stats NAME",
-		Short:             "Show a VM's meters: CPU time, memory, disk bytes and operations",
-		Long:              `Meters count from when the VM's hypervisor process started on its current host; rates are over the host's last sampling interval.`,
+	var history bool
+	var since time.Duration
+	cmd := &cobra.Command{
+		Use:   "stats NAME [--history [--since DURATION]]",
+		Short: "Show a VM's meters: CPU time, memory, disk bytes and operations",
+		Long: `Meters count from when the VM's hypervisor process started on its current host; rates are over the host's last sampling interval.
+
+--history shows the VM's metering history instead: one sample a minute over the last 24 hours, from every host
+the VM ran on, oldest first (CPU use, memory at the end of the minute, disk throughput and IOPS of all disks
+together). It is kept in the cluster, so it is there for a stopped VM too. --since limits it to the last
+DURATION and implies --history.`,
+		Example: `  basalt vm stats web1
+  basalt vm stats web1 --history --since 1h
+  basalt vm stats web1 --history -o json`,
 		Args:              exactArgs(1, "one VM name"),
 		ValidArgsFunction: a.completeVMs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if since < 0 {
+				return usageError{fmt.Errorf("--since %s: want a positive duration", since)}
+			}
+			history = history || since > 0
 			var st *basaltv1.VMStats
 			err := a.vms(cmd.Context(), func(ctx context.Context, c basaltv1.VMServiceClient) (err error) {
-				st, err = c.GetVMStats(ctx, &basaltv1.GetVMStatsRequest{Name: args[0]})
+				st, err = c.GetVMStats(ctx, &basaltv1.GetVMStatsRequest{Name: args[0], History: history})
 				return err
 			})
 			if err != nil {
 				return err
+			}
+			if history {
+				st.History = historySince(st.GetHistory(), since, time.Now())
+				return a.print(st, func(w *tabwriter.Writer) { historyTable(w, args[0], st.GetHistory()) })
 			}
 			return a.print(st, func(w *tabwriter.Writer) {
 				fmt.Fprintf(w, "VM %s on %s\n", st.GetName(), st.GetHost())
@@ -568,6 +586,46 @@ func (a *app) vmStatsCmd() *cobra.Command {
 				}
 			})
 		},
+	}
+	cmd.Flags().BoolVar(&history, "history", false, "show the metering history (a sample a minute, the last 24 hours)")
+	cmd.Flags().DurationVar(&since, "since", 0, "with --history: only the samples of the last DURATION (e.g. 1h, 30m)")
+	return cmd
+}
+
+// historySince keeps the samples that ended within since of now (all of them for 0).
+func historySince(samples []*basaltv1.VMMeteringSample, since time.Duration, now time.Time) []*basaltv1.VMMeteringSample {
+	if since <= 0 {
+		return samples
+	}
+	cut := now.Add(-since)
+	var out []*basaltv1.VMMeteringSample
+	for _, s := range samples {
+		if !s.GetEnd().AsTime().Before(cut) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// historyTable prints one row per metering sample, at its end in local time, with its rates over its own span
+// (samples around a restart or a migration may be shorter than a minute).
+func historyTable(w *tabwriter.Writer, name string, samples []*basaltv1.VMMeteringSample) {
+	if len(samples) == 0 {
+		fmt.Fprintf(w, "VM %s has no metering history in that time (the host that runs it adds a sample every minute)\n", name)
+		return
+	}
+	fmt.Fprintln(w, "TIME\tHOST\tCPU %\tMEMORY\tREAD MB/s\tWRITE MB/s\tREAD IOPS\tWRITE IOPS")
+	for _, s := range samples {
+		secs := s.GetEnd().AsTime().Sub(s.GetStart().AsTime()).Seconds()
+		rate := func(n uint64) float64 {
+			if secs <= 0 {
+				return 0
+			}
+			return float64(n) / secs
+		}
+		fmt.Fprintf(w, "%s\t%s\t%.1f\t%s\t%.2f\t%.2f\t%.1f\t%.1f\n", s.GetEnd().AsTime().Local().Format(time.DateTime), s.GetHost(),
+			100*s.GetCpuUsage(), sizeString(s.GetMemoryActualBytes()), rate(s.GetReadBytes())/1e6, rate(s.GetWriteBytes())/1e6,
+			rate(s.GetReadOps()), rate(s.GetWriteOps()))
 	}
 }
 
