@@ -103,38 +103,7 @@ func New(cfg Config) (*Controller, error) {
 
 // Run campaigns, leads while elected, and campaigns again after losing leadership, until ctx ends.
 func (c *Controller) Run(ctx context.Context) error {
-	for ctx.Err() == nil {
-		lead, err := election.Campaign(ctx, c.cfg.Store.Client, ElectionName, c.cfg.Candidate, c.cfg.ElectionTTL)
-		if err != nil {
-			if ctx.Err() != nil {
-				break
-			}
-			c.log.Warn("HA controller: campaign", "err", err)
-			select {
-			case <-ctx.Done():
-			case <-time.After(time.Second):
-			}
-			continue
-		}
-		c.log.Info("HA controller: leading")
-		lctx, cancel := context.WithCancel(ctx)
-		go func() {
-			select {
-			case <-lead.Done():
-			case <-lctx.Done():
-			}
-			cancel()
-		}()
-		c.lead(lctx)
-		cancel()
-		if ctx.Err() != nil {
-			rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-			lead.Resign(rctx)
-			rcancel()
-			break
-		}
-		c.log.Warn("HA controller: leadership lost")
-	}
+	election.Run(ctx, c.cfg.Store.Client, ElectionName, c.cfg.Candidate, c.cfg.ElectionTTL, c.log.With("controller", "HA"), c.lead)
 	return nil
 }
 

@@ -148,34 +148,7 @@ type Controller struct {
 
 // Run campaigns and, while leading, reconciles the map on every registry change; it returns when ctx ends.
 func (c *Controller) Run(ctx context.Context) error {
-	for ctx.Err() == nil {
-		lead, err := election.Campaign(ctx, c.Store.Client, "clustermap", c.Candidate, c.ElectionTTL)
-		if err != nil {
-			if ctx.Err() != nil {
-				break
-			}
-			c.Log.Warn("cluster map controller: campaign", "err", err)
-			time.Sleep(time.Second)
-			continue
-		}
-		c.Log.Info("cluster map controller: leading")
-		lctx, cancel := context.WithCancel(ctx)
-		go func() {
-			select {
-			case <-lead.Done():
-			case <-lctx.Done():
-			}
-			cancel()
-		}()
-		c.lead(lctx)
-		cancel()
-		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		lead.Resign(rctx)
-		rcancel()
-		if ctx.Err() == nil {
-			c.Log.Warn("cluster map controller: lost leadership")
-		}
-	}
+	election.Run(ctx, c.Store.Client, "clustermap", c.Candidate, c.ElectionTTL, c.Log.With("controller", "cluster map"), c.lead)
 	return ctx.Err()
 }
 

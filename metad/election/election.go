@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/basalt-hv/basalt/metad/schema"
@@ -76,4 +77,41 @@ func Leader(ctx context.Context, c *clientv3.Client, name string) (string, error
 		return "", fmt.Errorf("election %s: %w", name, ErrNoLeader)
 	}
 	return string(resp.Kvs[0].Value), nil
+}
+
+// Run campaigns in the named election and calls lead while candidate leads, with a context that ends when
+// leadership is lost (or ctx ends); then campaigns again, until ctx ends. It is the loop of every leader-elected
+// controller: a controller only writes lead. On the way out it resigns, so the next candidate takes over at once.
+func Run(ctx context.Context, c *clientv3.Client, name, candidate string, ttl time.Duration, log *slog.Logger, lead func(ctx context.Context)) {
+	for ctx.Err() == nil {
+		l, err := Campaign(ctx, c, name, candidate, ttl)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			log.Warn("campaign", "election", name, "err", err)
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+			continue
+		}
+		log.Info("leading", "election", name)
+		lctx, cancel := context.WithCancel(ctx)
+		go func() {
+			select {
+			case <-l.Done():
+			case <-lctx.Done():
+			}
+			cancel()
+		}()
+		lead(lctx)
+		cancel()
+		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		l.Resign(rctx)
+		rcancel()
+		if ctx.Err() == nil {
+			log.Warn("leadership lost", "election", name)
+		}
+	}
 }
