@@ -93,6 +93,9 @@ type Info struct {
 	PID int
 	// Accel is the accelerator in use, e.g. "kvm" or "tcg".
 	Accel string
+	// DiskError, for a machine paused by a disk error (its I/O error policy stopped the guest instead of handing
+	// it the error: the volume is full, unreachable or fenced), says which disk and what; empty otherwise.
+	DiskError string
 }
 
 // DiskStats counts a disk's I/O since the machine started.

@@ -78,7 +78,12 @@ func shortDir(t *testing.T, prefix string) string {
 // image path for verification.
 func nbdDisk(t *testing.T, id string, size int64) (hypervisor.Disk, string) {
 	t.Helper()
-	dir := shortDir(t, "nbd")
+	return nbdDiskIn(t, shortDir(t, "nbd"), id, size)
+}
+
+// nbdDiskIn is nbdDisk with the image and the socket in dir.
+func nbdDiskIn(t *testing.T, dir, id string, size int64) (hypervisor.Disk, string) {
+	t.Helper()
 	img := filepath.Join(dir, "disk.img")
 	if out, err := exec.Command("qemu-img", "create", "-f", "raw", img, fmt.Sprint(size)).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img: %v: %s", err, out)

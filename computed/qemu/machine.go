@@ -246,6 +246,29 @@ func (m *machine) status(ctx context.Context) (qemuStatus, error) {
 	return st, err
 }
 
+// diskError names the disks whose last I/O failed (query-block's io-status), for a guest paused on io-error.
+func (m *machine) diskError(ctx context.Context) string {
+	var blocks []struct {
+		Qdev     string `json:"qdev"`
+		IOStatus string `json:"io-status"`
+	}
+	if err := m.qmp.Execute(ctx, "query-block", nil, &blocks); err != nil {
+		return "unknown disk: " + err.Error()
+	}
+	var bad []string
+	for _, b := range blocks {
+		if b.IOStatus != "" && b.IOStatus != "ok" {
+			// The qdev path is /machine/peripheral/<device id>/virtio-backend; the id is the disk's.
+			id := strings.TrimPrefix(strings.TrimSuffix(b.Qdev, "/virtio-backend"), "/machine/peripheral/")
+			bad = append(bad, id+": "+b.IOStatus)
+		}
+	}
+	if len(bad) == 0 {
+		return "a disk failed"
+	}
+	return strings.Join(bad, ", ")
+}
+
 // Info reports the machine's state from QEMU.
 func (m *machine) Info(ctx context.Context) (hypervisor.Info, error) {
 	st, err := m.status(ctx)
@@ -269,6 +292,9 @@ func (m *machine) Info(ctx context.Context) (hypervisor.Info, error) {
 		info.State = hypervisor.StateMigrating
 	case "shutdown":
 		info.State = hypervisor.StateShutdown
+	case "io-error":
+		info.State = hypervisor.StatePaused
+		info.DiskError = m.diskError(ctx)
 	default:
 		// paused, postmigrate (migrated away: stopped for good), io-error (a disk failed and the error policy
 		// stopped the guest), prelaunch, suspended, watchdog, guest-panicked, internal-error, ...: the guest

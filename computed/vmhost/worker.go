@@ -52,6 +52,8 @@ type worker struct {
 	failures     int
 	retryAt      time.Time
 	nextWake     time.Time
+	diskRetries  int       // resumes of a guest paused on a disk error since it last ran cleanly
+	diskRetryAt  time.Time // when the next such resume is due
 
 	stMu   sync.Mutex
 	st     *basaltv1.VMStatus
@@ -559,8 +561,12 @@ func (w *worker) runMachine(ctx context.Context, d *basaltv1.VM, rev int64) {
 		switch {
 		case d.GetDesiredState() == basaltv1.VMState_VM_STATE_PAUSED && info.State == hypervisor.StateRunning:
 			err = m.Pause(ctx)
+		case d.GetDesiredState() == basaltv1.VMState_VM_STATE_RUNNING && info.State == hypervisor.StatePaused && info.DiskError != "":
+			err = w.resumeAfterDiskError(ctx, m, info.DiskError)
 		case d.GetDesiredState() == basaltv1.VMState_VM_STATE_RUNNING && info.State == hypervisor.StatePaused:
 			err = m.Resume(ctx)
+		case info.State == hypervisor.StateRunning && time.Now().After(w.diskRetryAt.Add(time.Minute)):
+			w.diskRetries = 0 // a minute of running since the last retry: the disk error is over
 		}
 		if err != nil {
 			w.log.Warn("set the machine's run state", "want", d.GetDesiredState(), "err", err)
@@ -598,6 +604,25 @@ func (w *worker) runMachine(ctx context.Context, d *basaltv1.VM, rev int64) {
 		}
 	})
 	w.flushStatus(ctx)
+}
+
+// resumeAfterDiskError retries a guest that its disk's error policy paused (a full volume, an unreachable or a
+// fenced one): at once the first time, then with a back-off up to a minute, saying why in the status. Resuming
+// retries the failed request; a cause that went away (space freed, the cluster back) lets the guest go on.
+func (w *worker) resumeAfterDiskError(ctx context.Context, m hypervisor.Machine, why string) error {
+	if time.Now().Before(w.diskRetryAt) {
+		w.nextWake = w.diskRetryAt
+		return nil
+	}
+	wait := min(time.Second<<min(w.diskRetries, 6), time.Minute)
+	w.diskRetries++
+	w.diskRetryAt = time.Now().Add(wait)
+	w.nextWake = w.diskRetryAt
+	w.log.Warn("the guest paused on a disk error; resuming it", "disk_error", why, "attempt", w.diskRetries, "next_in", wait)
+	w.setStatus(func(st *basaltv1.VMStatus) {
+		setError(st, fmt.Errorf("the guest paused on a disk error (%s); resumed %d times, next in %s", why, w.diskRetries, wait))
+	})
+	return m.Resume(ctx)
 }
 
 // start launches the machine of d.
