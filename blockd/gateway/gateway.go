@@ -26,6 +26,7 @@ import (
 	"github.com/basalt-hv/basalt/blockd/view"
 	"github.com/basalt-hv/basalt/metad/schema"
 	"github.com/basalt-hv/basalt/metad/store"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -87,6 +88,16 @@ func (g *Gateway) Export(ctx context.Context, name string) (*nbd.Export, error) 
 	if atCheckpoint {
 		ckpt := vol.CheckpointNamed(ckptName)
 		if ckpt == nil {
+			// A checkpoint taken a moment ago may not have reached this node's watch: catch up with etcd as it
+			// is now (one consistent read) and look again, so that a client that took it can read it at once.
+			vol, err = g.freshVolume(ctx, volName)
+			if err != nil {
+				return nil, err
+			}
+			backend.id = vol.GetId()
+			ckpt = vol.CheckpointNamed(ckptName)
+		}
+		if ckpt == nil {
 			return nil, fmt.Errorf("volume %q has no checkpoint %q: %w", volName, ckptName, nbd.ErrNoSuchExport)
 		}
 		backend.view = ckpt.GetId()
@@ -103,6 +114,20 @@ func (g *Gateway) VolumeOpen(volID uint64) bool {
 	g.openMu.Lock()
 	defer g.openMu.Unlock()
 	return g.open[volID] > 0
+}
+
+// freshVolume returns the named volume from the view once the view has caught up with etcd's current revision.
+func (g *Gateway) freshVolume(ctx context.Context, name string) (*basaltv1.Volume, error) {
+	resp, err := g.Store.Client.Get(ctx, schema.VolumeKey(name), clientv3.WithCountOnly())
+	if err != nil {
+		return nil, fmt.Errorf("volume %q: read etcd's revision: %w", name, err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, viewLag)
+	defer cancel()
+	if _, err := g.View.WaitRevision(wctx, resp.Header.Revision); err != nil {
+		return nil, fmt.Errorf("volume %q: this node's view did not catch up with etcd: %w", name, err)
+	}
+	return g.volume(ctx, name)
 }
 
 // volume returns the named volume from the view. If the view does not have it, a consistent read of etcd

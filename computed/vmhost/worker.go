@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"sync"
@@ -610,6 +611,27 @@ func (w *worker) runMachine(ctx context.Context, d *basaltv1.VM, rev int64) {
 // fenced one): at once the first time, then with a back-off up to a minute, saying why in the status. Resuming
 // retries the failed request; a cause that went away (space freed, the cluster back) lets the guest go on.
 func (w *worker) resumeAfterDiskError(ctx context.Context, m hypervisor.Machine, why string) error {
+	if vol, err := w.fencedDisk(ctx); err != nil {
+		w.log.Warn("check the disks' attachments", "err", err)
+	} else if vol != "" {
+		// Its writes can never be accepted again (the host was declared failed while it was cut off or frozen,
+		// or another host took the volume over): this run is over. The next reconcile starts a new one, with
+		// new attachments, if the VM is still declared running here.
+		w.log.Warn("the guest's disk was fenced: killing this run of it", "volume", vol)
+		kctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := m.Kill(kctx)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("kill the fenced machine: %w", err)
+		}
+		w.release()
+		w.setStatus(func(st *basaltv1.VMStatus) {
+			st.AttachGenerations = nil // fenced: nothing of this host's to detach
+			setError(st, fmt.Errorf("volume %s was fenced under this run (its host was taken for failed, or another host took the volume over); the run was killed", vol))
+		})
+		w.nextWake = time.Now()
+		return nil
+	}
 	if time.Now().Before(w.diskRetryAt) {
 		w.nextWake = w.diskRetryAt
 		return nil
@@ -623,6 +645,30 @@ func (w *worker) resumeAfterDiskError(ctx context.Context, m hypervisor.Machine,
 		setError(st, fmt.Errorf("the guest paused on a disk error (%s); resumed %d times, next in %s", why, w.diskRetries, wait))
 	})
 	return m.Resume(ctx)
+}
+
+// fencedDisk returns a volume whose attachment this run opened but no longer holds ("" if none): its writes are
+// refused for good.
+func (w *worker) fencedDisk(ctx context.Context) (string, error) {
+	w.stMu.Lock()
+	gens := maps.Clone(w.st.AttachGenerations)
+	w.stMu.Unlock()
+	for _, vol := range sortedKeys(gens) {
+		rec, err := store.Get[basaltv1.Volume](ctx, w.h.cfg.Store, schema.VolumeKey(vol))
+		if err != nil {
+			return "", fmt.Errorf("read volume %s: %w", vol, err)
+		}
+		held := false
+		for _, a := range rec.Value.GetAttachments() {
+			if a.GetHost() == w.h.cfg.NodeID && a.GetGeneration() == gens[vol] && !a.GetIncoming() {
+				held = true
+			}
+		}
+		if !held {
+			return vol, nil
+		}
+	}
+	return "", nil
 }
 
 // start launches the machine of d.

@@ -15,8 +15,12 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// syncViewTimeout bounds one SyncView call; a node that has not caught up by then is asked again.
-const syncViewTimeout = 5 * time.Second
+// syncViewTimeout bounds one SyncView call; a node that has not caught up by then is asked again, after the
+// cluster map is read again. Short, because a frozen or cut-off node that the map still counts up (its lease has
+// not expired yet, or the map controller has not acted on it) never answers: the barrier must notice soon that
+// the map has dropped it. The chaos rounds measured fencing at 2.6–3.6 s with 5 s here, against milliseconds
+// when the map already said down.
+const syncViewTimeout = time.Second
 
 // barrierRetry is how long Barrier waits before asking the nodes that did not answer again (and reading the
 // cluster map again, to learn whether they are still up).

@@ -134,8 +134,8 @@ func (e *env) console(name string) *consoleViewer {
 // and two computed, the guest's disk a 3-replica Basalt volume attached through each host's own blockd. It
 // checks the serial console through the API, the balloon, metering (API and Prometheus), live migration while
 // the counter runs, a refused second migration, a cancelled migration, a SIGKILLed computed that leaves the
-// guest running, a drain, a live clone, an ACPI stop, bad input, and finally that the volume holds every
-// record the console announced with no gap.
+// guest running, a drain, a live clone, a fenced run replaced by a new one, an ACPI stop, bad input, and finally
+// that the volume holds every record the console announced with no gap.
 func TestVMThroughBasaltUp(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots QEMU guests under TCG for about two minutes; not in -short")
@@ -490,6 +490,30 @@ func TestVMThroughBasaltUp(t *testing.T) {
 		t.Logf("console records %d..%d: longest gap between lines %s (after %d)", cont.First, cont.Last, cont.MaxHostGap.Round(time.Millisecond), cont.MaxHostGapAfter)
 	}
 
+	t.Run("a fenced run is replaced", func(t *testing.T) {
+		// Fencing the host by hand makes the guest's writes fail (EPERM: its QEMU pauses on the error); its host
+		// sees that the run's attachment is gone, kills it, and starts the VM again with a new one.
+		before := inspect("agent")
+		host := before.Host
+		_, genBefore := attachment()
+		out := basalt("host", "fence", host)
+		if !strings.Contains(out, "boot0") {
+			t.Fatalf("host fence: %s", out)
+		}
+		vm := waitVM("agent", "running again in a new run", 2*time.Minute, func(vm vmJSON) bool {
+			return runningOn(host)(vm) && vm.Status.Pid != 0 && vm.Status.Pid != before.Status.Pid
+		})
+		if h, gen := attachment(); h != host || gen <= genBefore {
+			t.Fatalf("after the fence boot0 is attached to %s at generation %d (before: %d)", h, gen, genBefore)
+		}
+		last, _ := v.con.LastRecord()
+		cv := e.console("agent")
+		if _, err := cv.con.WaitRecord(ctx, last.Seq+5); err != nil {
+			t.Fatalf("the counter did not go on in the new run: %v\n%s", err, cv.con.Tail(10))
+		}
+		t.Logf("fenced run (pid %d) replaced by pid %d on %s; last error: %s", before.Status.Pid, vm.Status.Pid, host, vm.Status.LastError)
+	})
+
 	t.Run("ACPI stop", func(t *testing.T) {
 		out := basalt("vm", "stop", "agent")
 		if !strings.Contains(out, "powered off") {
@@ -525,8 +549,8 @@ func TestVMThroughBasaltUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("volume: records %d..%d, no gap, every announced record present (%d boots)", sum.First, sum.Last, len(sum.Boots))
-	if len(sum.Boots) != 1 {
-		t.Fatalf("the guest booted %d times; it must have run once, across every move", len(sum.Boots))
+	if len(sum.Boots) != 2 {
+		t.Fatalf("the guest booted %d times; it must have run once across every move, and once more after the fence", len(sum.Boots))
 	}
 	_, errOut, code := e.basalt(nil, "vm", "console", "agent", "--log", "--tail", "2K")
 	if code != 0 || errOut != "" {
