@@ -8,14 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/basalt-hv/basalt/computed/testguest"
-	"github.com/basalt-hv/basalt/tools/up"
 )
 
 // hostsJSON is the part of `basalt host list -o json` the tests read.
@@ -41,52 +39,13 @@ type hostsJSON struct {
 // stops everything there: the host is left drained and the second is not touched. A Ctrl-C during the command
 // stops it and says where; the undo commands printed for the failure put things back.
 func TestRollingUpdate(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots two QEMU guests under TCG and migrates them; not in -short")
-	}
-	needTool(t, "qemu-system-x86_64", "qemu-system-x86")
-	needTool(t, "qemu-img", "qemu-utils")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	g, err := testguest.Build(ctx, testguest.Options{})
-	if err != nil {
-		t.Skipf("no test guest: %v", err)
-	}
-	e := newEnv(t)
-	base := freeBaseFor(t, up.Options{Blockd: 3, Computed: 2})
-	dataDir := t.TempDir()
-	c := e.up(dataDir, "--base-port", itoa(base), "--computed", "2", "--lease-ttl", "2s", "--restart-delay", "2s")
+	vc := upVMCluster(t, ctx, "boots two QEMU guests under TCG and migrates them", "roll1", "roll2")
+	e, c, g := vc.e, vc.c, vc.guest
+	basalt, inspect := vc.basalt, vc.inspect
 	hosts := []string{"computed-1", "computed-2"}
 	guests := map[string]string{"computed-1": "roll1", "computed-2": "roll2"}
-	// Registered after up's cleanup, so it runs first: no guest outlives the test, even on failure.
-	t.Cleanup(func() {
-		for _, vm := range guests {
-			e.basalt(nil, "vm", "kill", vm)
-		}
-		for _, p := range processesUsing(dataDir) {
-			if strings.Contains(p, "qemu-system") {
-				pid, _ := strconv.Atoi(strings.SplitN(p, ":", 2)[0])
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-	})
-	e.waitNodes("every node up", 30*time.Second, allUp("metad-1", "blockd-1", "blockd-2", "blockd-3", "computed-1", "computed-2", "netd-1"))
-	basalt := func(args ...string) string {
-		t.Helper()
-		out, errOut, code := e.basalt(nil, args...)
-		if code != 0 {
-			t.Fatalf("basalt %s: exit %d: %s", strings.Join(args, " "), code, errOut)
-		}
-		return out
-	}
-	inspect := func(name string) vmJSON {
-		t.Helper()
-		var vm vmJSON
-		if err := json.Unmarshal([]byte(basalt("vm", "inspect", name, "-o", "json")), &vm); err != nil {
-			t.Fatal(err)
-		}
-		return vm
-	}
 	hostList := func() hostsJSON {
 		t.Helper()
 		var l hostsJSON

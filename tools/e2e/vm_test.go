@@ -137,49 +137,11 @@ func (e *env) console(name string) *consoleViewer {
 // guest running, a drain, a live clone, a fenced run replaced by a new one, an ACPI stop, bad input, and finally
 // that the volume holds every record the console announced with no gap.
 func TestVMThroughBasaltUp(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots QEMU guests under TCG for about two minutes; not in -short")
-	}
-	needTool(t, "qemu-system-x86_64", "qemu-system-x86")
-	needTool(t, "qemu-img", "qemu-utils")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	g, err := testguest.Build(ctx, testguest.Options{})
-	if err != nil {
-		t.Skipf("no test guest: %v", err)
-	}
-	e := newEnv(t)
-	base := freeBaseFor(t, up.Options{Blockd: 3, Computed: 2})
-	dataDir := t.TempDir()
-	c := e.up(dataDir, "--base-port", itoa(base), "--computed", "2", "--lease-ttl", "2s", "--restart-delay", "2s")
-	// Registered after up's cleanup, so it runs first: no guest outlives the test, even on failure.
-	t.Cleanup(func() {
-		e.basalt(nil, "vm", "kill", "agent")
-		e.basalt(nil, "vm", "kill", "agent2")
-		for _, p := range processesUsing(dataDir) {
-			if strings.Contains(p, "qemu-system") {
-				pid, _ := strconv.Atoi(strings.SplitN(p, ":", 2)[0])
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-	})
-	e.waitNodes("every node up", 20*time.Second, allUp("metad-1", "blockd-1", "blockd-2", "blockd-3", "computed-1", "computed-2", "netd-1"))
-	basalt := func(args ...string) string {
-		t.Helper()
-		out, errOut, code := e.basalt(nil, args...)
-		if code != 0 {
-			t.Fatalf("basalt %s: exit %d: %s", strings.Join(args, " "), code, errOut)
-		}
-		return out
-	}
-	inspect := func(name string) vmJSON {
-		t.Helper()
-		var vm vmJSON
-		if err := json.Unmarshal([]byte(basalt("vm", "inspect", name, "-o", "json")), &vm); err != nil {
-			t.Fatal(err)
-		}
-		return vm
-	}
+	vc := upVMCluster(t, ctx, "boots QEMU guests under TCG for about two minutes", "agent", "agent2")
+	e, c, dataDir, g, base := vc.e, vc.c, vc.dataDir, vc.guest, vc.base
+	basalt, inspect := vc.basalt, vc.inspect
 	waitVM := func(name, what string, within time.Duration, cond func(vmJSON) bool) vmJSON {
 		t.Helper()
 		deadline := time.Now().Add(within)
