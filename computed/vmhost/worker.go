@@ -608,7 +608,7 @@ func (w *worker) runMachine(ctx context.Context, d *basaltv1.VM, rev int64) {
 }
 
 // resumeAfterDiskError retries a guest that its disk's error policy paused (a full volume, an unreachable or a
-// fenced one): at once the first time, then with a back-off up to a minute, saying why in the status. Resuming
+// fenced one): at once the first time, then with a back-off up to 5 s, saying why in the status. Resuming
 // retries the failed request; a cause that went away (space freed, the cluster back) lets the guest go on.
 func (w *worker) resumeAfterDiskError(ctx context.Context, m hypervisor.Machine, why string) error {
 	if vol, err := w.fencedDisk(ctx); err != nil {
@@ -636,7 +636,8 @@ func (w *worker) resumeAfterDiskError(ctx context.Context, m hypervisor.Machine,
 		w.nextWake = w.diskRetryAt
 		return nil
 	}
-	wait := min(time.Second<<min(w.diskRetries, 6), time.Minute)
+	// At most 5 s: an operator who frees space expects the guest back soon, and a retry costs one request.
+	wait := min(time.Second<<min(w.diskRetries, 3), 5*time.Second)
 	w.diskRetries++
 	w.diskRetryAt = time.Now().Add(wait)
 	w.nextWake = w.diskRetryAt
