@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/basalt-hv/basalt/computed/hypervisor"
 	"github.com/basalt-hv/basalt/computed/testguest"
+	"github.com/basalt-hv/basalt/internal/nbdtest"
 )
 
 // needQEMU skips a test on a host without QEMU and its NBD server.
@@ -61,17 +61,8 @@ func newDriver(t *testing.T) *Driver {
 	return d
 }
 
-// shortDir makes a temporary directory with a short path (Unix socket paths are limited to 107 bytes, and
-// t.TempDir's paths grow with test names).
-func shortDir(t *testing.T, prefix string) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", prefix)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
-}
+// shortDir makes a temporary directory with a short path (nbdtest.ShortDir).
+func shortDir(t *testing.T, prefix string) string { return nbdtest.ShortDir(t, prefix) }
 
 // nbdDisk serves a fresh raw image of size bytes with qemu-nbd on a Unix socket, as blockd would: several
 // connections at once (a migration's two ends), export name "vol". It returns the disk for a spec and the
@@ -84,37 +75,7 @@ func nbdDisk(t *testing.T, id string, size int64) (hypervisor.Disk, string) {
 // nbdDiskIn is nbdDisk with the image and the socket in dir.
 func nbdDiskIn(t *testing.T, dir, id string, size int64) (hypervisor.Disk, string) {
 	t.Helper()
-	img := filepath.Join(dir, "disk.img")
-	if out, err := exec.Command("qemu-img", "create", "-f", "raw", img, fmt.Sprint(size)).CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img: %v: %s", err, out)
-	}
-	sock := filepath.Join(dir, "nbd.sock")
-	cmd := exec.Command("qemu-nbd", "--persistent", "--shared=8", "--socket="+sock, "--format=raw", "--export-name=vol", img)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		<-exited
-	})
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if _, err := os.Stat(sock); err == nil {
-			break
-		}
-		select {
-		case <-exited:
-			t.Fatalf("qemu-nbd exited: %s", stderr.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("qemu-nbd did not create its socket")
-		}
-	}
+	sock, img := nbdtest.Serve(t, dir, "vol", size)
 	return hypervisor.Disk{ID: id, NBDSocket: sock, Export: "vol", BootIndex: 1}, img
 }
 

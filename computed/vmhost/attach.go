@@ -4,7 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
+	"maps"
+	"slices"
 	"time"
 
 	basaltv1 "github.com/basalt-hv/basalt/proto/basalt/v1"
@@ -74,7 +75,7 @@ func (h *Host) detachDisks(ctx context.Context, gens map[string]uint64) {
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	for _, vol := range sortedKeys(gens) {
+	for _, vol := range slices.Sorted(maps.Keys(gens)) {
 		if err := h.cfg.Attacher.Detach(ctx, vol, h.cfg.NodeID); err != nil {
 			h.log.Warn("detach volume", "volume", vol, "err", err)
 		}
@@ -116,15 +117,6 @@ func (w *worker) detachRun(ctx context.Context) {
 	w.st.AttachGenerations = nil
 	w.stMu.Unlock()
 	w.h.detachDisks(ctx, gens)
-}
-
-func sortedKeys(m map[string]uint64) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
 }
 
 // guardLease pauses every guest of this host when it cannot reach etcd for most of its lease TTL, before the

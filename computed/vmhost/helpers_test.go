@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/basalt-hv/basalt/computed/qemu"
 	"github.com/basalt-hv/basalt/computed/testguest"
+	"github.com/basalt-hv/basalt/internal/nbdtest"
 	"github.com/basalt-hv/basalt/metad/api"
 	"github.com/basalt-hv/basalt/metad/etcdserver/etcdtest"
 	"github.com/basalt-hv/basalt/metad/registry"
@@ -147,37 +147,9 @@ func (e *env) volume(name string, size int64) string {
 	if _, err := e.store.Create(e.ctx, schema.VolumeKey(name), &basaltv1.Volume{Name: name, SizeBytes: uint64(size), Replicas: 1, SectorSize: 512, Id: 1}); err != nil {
 		t.Fatal(err)
 	}
-	img := filepath.Join(e.dir, name+".img")
-	if out, err := exec.Command("qemu-img", "create", "-f", "raw", img, fmt.Sprint(size)).CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img: %v: %s", err, out)
-	}
-	e.sock = filepath.Join(e.dir, "nbd.sock")
-	cmd := exec.Command("qemu-nbd", "--persistent", "--shared=16", "--socket="+e.sock, "--format=raw", "--export-name="+name, "--cache=none", img)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		<-exited
-	})
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if _, err := os.Stat(e.sock); err == nil {
-			return img
-		}
-		select {
-		case <-exited:
-			t.Fatalf("qemu-nbd exited: %s", stderr.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("qemu-nbd did not create its socket")
-		}
-	}
+	var img string
+	e.sock, img = nbdtest.Serve(t, e.dir, name, size)
+	return img
 }
 
 // addHost starts a computed host: its VM host, its gRPC server (ComputeService) and its registration.

@@ -8,6 +8,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -611,6 +612,10 @@ func (w *worker) runMachine(ctx context.Context, d *basaltv1.VM, rev int64) {
 // fenced one): at once the first time, then with a back-off up to 5 s, saying why in the status. Resuming
 // retries the failed request; a cause that went away (space freed, the cluster back) lets the guest go on.
 func (w *worker) resumeAfterDiskError(ctx context.Context, m hypervisor.Machine, why string) error {
+	if time.Now().Before(w.diskRetryAt) {
+		w.nextWake = w.diskRetryAt
+		return nil
+	}
 	if vol, err := w.fencedDisk(ctx); err != nil {
 		w.log.Warn("check the disks' attachments", "err", err)
 	} else if vol != "" {
@@ -625,15 +630,12 @@ func (w *worker) resumeAfterDiskError(ctx context.Context, m hypervisor.Machine,
 			return fmt.Errorf("kill the fenced machine: %w", err)
 		}
 		w.release()
+		w.diskRetries, w.diskRetryAt = 0, time.Time{} // the next run starts afresh
 		w.setStatus(func(st *basaltv1.VMStatus) {
 			st.AttachGenerations = nil // fenced: nothing of this host's to detach
 			setError(st, fmt.Errorf("volume %s was fenced under this run (its host was taken for failed, or another host took the volume over); the run was killed", vol))
 		})
 		w.nextWake = time.Now()
-		return nil
-	}
-	if time.Now().Before(w.diskRetryAt) {
-		w.nextWake = w.diskRetryAt
 		return nil
 	}
 	// At most 5 s: an operator who frees space expects the guest back soon, and a retry costs one request.
@@ -654,7 +656,7 @@ func (w *worker) fencedDisk(ctx context.Context) (string, error) {
 	w.stMu.Lock()
 	gens := maps.Clone(w.st.AttachGenerations)
 	w.stMu.Unlock()
-	for _, vol := range sortedKeys(gens) {
+	for _, vol := range slices.Sorted(maps.Keys(gens)) {
 		rec, err := store.Get[basaltv1.Volume](ctx, w.h.cfg.Store, schema.VolumeKey(vol))
 		if err != nil {
 			return "", fmt.Errorf("read volume %s: %w", vol, err)

@@ -17,6 +17,7 @@ import (
 	"github.com/basalt-hv/basalt/computed/hypervisor"
 	"github.com/basalt-hv/basalt/computed/qemu"
 	"github.com/basalt-hv/basalt/computed/testguest"
+	"github.com/basalt-hv/basalt/internal/nbdtest"
 	"github.com/vishvananda/netlink"
 )
 
@@ -85,7 +86,7 @@ func TestQEMUGuestOnNetdTap(t *testing.T) {
 		spec := hypervisor.Spec{
 			ID: "q" + p.name, VCPUs: 1, Memory: 128 << 20, Firmware: hypervisor.FirmwareDirectKernel,
 			Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline("basalt.ip=" + p.bootIP + "/24"),
-			RunDir: qemuShortDir(t, "vm"),
+			RunDir: nbdtest.ShortDir(t, "vm"),
 			Disks:  []hypervisor.Disk{qemuNBDDisk(t)},
 			NICs:   []hypervisor.NIC{{ID: "eth0", MAC: p.mac, Tap: p.tap}},
 		}
@@ -178,52 +179,10 @@ func parseAgentLine(line string) (string, map[string]string, bool) {
 	return parts[0], f, true
 }
 
-// qemuShortDir makes a temporary directory with a short path (Unix socket paths are limited to 107 bytes).
-func qemuShortDir(t *testing.T, prefix string) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", prefix)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
-}
-
 // qemuNBDDisk serves a small fresh raw image with qemu-nbd on a Unix socket (export "vol"), as blockd would.
 func qemuNBDDisk(t *testing.T) hypervisor.Disk {
 	t.Helper()
-	dir := qemuShortDir(t, "nbd")
-	img := filepath.Join(dir, "disk.img")
-	if out, err := exec.Command("qemu-img", "create", "-f", "raw", img, "1M").CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img: %v: %s", err, out)
-	}
-	sock := filepath.Join(dir, "nbd.sock")
-	cmd := exec.Command("qemu-nbd", "--persistent", "--shared=2", "--socket="+sock, "--format=raw", "--export-name=vol", img)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		<-exited
-	})
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if _, err := os.Stat(sock); err == nil {
-			break
-		}
-		select {
-		case <-exited:
-			t.Fatalf("qemu-nbd exited: %s", stderr.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("qemu-nbd did not create its socket")
-		}
-	}
+	sock, _ := nbdtest.Serve(t, nbdtest.ShortDir(t, "nbd"), "vol", 1<<20)
 	return hypervisor.Disk{ID: "root", NBDSocket: sock, Export: "vol", BootIndex: 1}
 }
 
